@@ -1,0 +1,349 @@
+"""CrossFormer and CrossFormer++.
+
+- CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale Attention (ICLR 2022),
+  https://arxiv.org/abs/2108.00154
+- CrossFormer++: A Versatile Vision Transformer Hinging on Cross-scale Attention (TPAMI),
+  https://arxiv.org/abs/2303.06908
+
+The weights published with the papers (MIT license) are linked from
+https://github.com/cheerss/CrossFormer; pass a downloaded file with
+``pretrained_cfg_overlay=dict(file=PATH)``. ``checkpoint_filter_fn`` maps their layout to this one.
+"""
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from timm.layers import ClassifierHead, to_ntuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._pretrained import PretrainedCfg
+from timm.models._registry import get_pretrained_cfg
+
+from ..layers import CrossEmbedLayer, Stage
+
+__all__ = ['CrossFormer', 'checkpoint_filter_fn']
+
+WEIGHTS_URL = 'https://github.com/cheerss/CrossFormer#model-zoo'
+
+
+class CrossFormer(nn.Module):
+    """CrossFormer / CrossFormer++ for image classification and dense features.
+
+    ``(B, in_chans, H, W) -> (B, num_classes)`` for any ``H, W >= 4``. Stage ``i`` produces a
+    ``ceil(H / 2**(i+2)) x ceil(W / 2**(i+2))`` map with ``dims[i]`` channels.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: Union[int, Sequence[int]] = 96,
+            depths: Sequence[int] = (2, 2, 6, 2),
+            num_heads: Sequence[int] = (3, 6, 12, 24),
+            group_size: Union[int, Sequence[int]] = 7,
+            interval: Union[int, Sequence[int]] = (8, 4, 2, 1),
+            stem_kernel_sizes: Sequence[int] = (4, 8, 16, 32),
+            stem_stride: int = 4,
+            merge_kernel_sizes: Sequence[int] = (2, 4),
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            use_acl: bool = False,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.1,
+    ):
+        """
+        Args:
+            embed_dim: width of stage 1 (doubled at each later stage), or one width per stage.
+            depths: blocks per stage; the number of stages is ``len(depths)``.
+            num_heads: attention heads per stage.
+            group_size: G, the side of an attention group, per stage (or one for all).
+            interval: I, the LDA sampling interval, per stage (or one for all).
+            stem_kernel_sizes: kernels of the cross-scale patch embedding.
+            merge_kernel_sizes: kernels of the cross-scale down-sampling between stages.
+            use_acl: add the CrossFormer++ activation cooling layers.
+        """
+        super().__init__()
+        num_stages = len(depths)
+        dims = [embed_dim * 2 ** i for i in range(num_stages)] if isinstance(embed_dim, int) else list(embed_dim)
+        stage_args = dict(dims=dims, num_heads=num_heads, group_size=to_ntuple(num_stages)(group_size),
+                          interval=to_ntuple(num_stages)(interval))
+        for name, value in stage_args.items():
+            if len(value) != num_stages:
+                raise ValueError(f'{name} has {len(value)} entries but depths has {num_stages} stages')
+        group_size, interval = stage_args['group_size'], stage_args['interval']
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.output_fmt = 'NCHW'
+        self.num_features = self.head_hidden_size = dims[-1]
+
+        self.patch_embed = CrossEmbedLayer(in_chans, dims[0], stem_kernel_sizes, stride=stem_stride)
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        self.layers = nn.Sequential()
+        self.feature_info = []
+        reduction = stem_stride
+        for i in range(num_stages):
+            self.layers.append(Stage(
+                in_dim=dims[max(i - 1, 0)],
+                dim=dims[i],
+                depth=depths[i],
+                num_heads=num_heads[i],
+                group_size=group_size[i],
+                interval=interval[i],
+                downsample_kernel_sizes=merge_kernel_sizes if i > 0 else None,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                cooling=use_acl,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=drop_path[i].tolist(),
+            ))
+            reduction *= 2 if i > 0 else 1
+            self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f'layers.{i}'))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # Like the reference: 1-D parameters (norms, biases) are left out by timm's optimizer factory.
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^patch_embed',
+            blocks=r'^layers\.(\d+)' if coarse else [
+                (r'^layers\.(\d+)\.downsample', (0,)),
+                (r'^layers\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    @torch.jit.ignore
+    def load_pretrained(self, path: str) -> None:
+        """Load a checkpoint file (reference or this library's layout); timm calls this for ``file=``."""
+        from ..checkpoint import load_checkpoint
+        load_checkpoint(self, path)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (raw, before the next down-sampling), as timm's hierarchical models give them.
+
+        Args:
+            indices: stages to return (None: all; int n: the last n).
+            norm: apply the final norm to the last stage's map.
+            stop_early: skip the stages after the last one asked for.
+            output_fmt: 'NCHW' or 'NHWC'.
+            intermediates_only: return only the list of maps.
+        Returns:
+            maps, or ``(forward_features(x), maps)``.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        stages = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[:max_index + 1]
+        last = len(self.layers) - 1
+        intermediates = []
+        x = self.patch_embed(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                x_inter = self.norm(x) if norm and i == last else x
+                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else x_inter)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x).permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last index asked for (and the norm/head if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` image -> ``(B, num_features, H/32, W/32)`` normed map (ceil division)."""
+        x = self.layers(self.patch_embed(x))
+        return self.norm(x).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer) -> Dict[str, torch.Tensor]:
+    """Map a reference checkpoint (classifier or dense backbone, v1 or ++) to this layout.
+
+    - unwrap ``model`` / ``state_dict`` and strip ``module.`` / ``backbone.`` prefixes;
+    - drop the derived v1 buffers ``attn.biases`` and ``attn.relative_position_index``;
+    - the reference merges at the end of stage i (``layers.i.downsample.reductions``); here
+      stage i+1 merges first (``layers.{i+1}.downsample.projs``);
+    - ``head.*`` becomes ``head.fc.*``.
+    Files already in this layout pass through unchanged.
+    """
+    for key in ('model', 'state_dict'):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    if 'patch_embed.projs.0.weight' not in state_dict:
+        for prefix in ('module.', 'backbone.'):
+            state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    reference_layout = any('.downsample.reductions.' in k for k in state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith(('attn.biases', 'attn.relative_position_index')):
+            continue
+        if reference_layout:
+            m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
+            if m:
+                k = f'layers.{int(m.group(1)) + 1}.downsample.{m.group(2).replace("reductions.", "projs.")}'
+        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
+        out[k] = v
+    return out
+
+
+def _create_crossformer(variant: str, pretrained: bool = False, **kwargs) -> CrossFormer:
+    if pretrained:
+        cfg = kwargs.get('pretrained_cfg') or get_pretrained_cfg(variant)
+        cfg = cfg.to_dict() if isinstance(cfg, PretrainedCfg) else dict(cfg or {})
+        cfg.update(kwargs.get('pretrained_cfg_overlay') or {})
+        if not (cfg.get('file') or cfg.get('state_dict')):
+            raise ValueError(
+                f'{variant}: the weights published with the paper are not downloaded automatically. Get the file '
+                f'from {WEIGHTS_URL} and pass it: timm.create_model({variant!r}, pretrained=True, '
+                f"pretrained_cfg_overlay=dict(file='path/to/checkpoint.pth'))")
+    return build_model_with_cfg(
+        CrossFormer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(top1: float, gmacs_paper: float, params_m: float, arxiv: str, **kwargs) -> Dict[str, Any]:
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': tuple(f'patch_embed.projs.{i}' for i in range(4)), 'classifier': 'head.fc',
+        'custom_load': True,
+        'license': 'mit', 'origin_url': 'https://github.com/cheerss/CrossFormer',
+        'paper_ids': f'arXiv:{arxiv}',
+        'paper_name': 'CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale Attention'
+                      + ('' if arxiv == '2108.00154' else ' (CrossFormer++)'),
+        'notes': (f'ImageNet-1k top-1 {top1}% at 224, {params_m}M params, {gmacs_paper} GFLOPs in the paper',
+                  f'weights: {WEIGHTS_URL}'),
+        **kwargs,
+    }
+
+
+V1, PP = '2108.00154', '2303.06908'
+default_cfgs = generate_default_cfgs({
+    'crossformer_t.in1k': _cfg(81.5, 2.9, 27.8, V1),
+    'crossformer_s.in1k': _cfg(82.5, 4.9, 30.7, V1),
+    'crossformer_b.in1k': _cfg(83.4, 9.2, 52.0, V1),
+    'crossformer_l.in1k': _cfg(84.0, 16.1, 92.0, V1),
+    'crossformerpp_s.in1k': _cfg(83.2, 4.9, 23.3, PP),
+    'crossformerpp_b.in1k': _cfg(84.2, 9.5, 52.0, PP),
+    'crossformerpp_l.in1k': _cfg(84.7, 16.6, 92.0, PP),
+    'crossformerpp_h.in1k': _cfg(84.9, 21.8, 96.0, PP),
+})
+
+# CrossFormer (v1): group 7 in every stage, LDA intervals 8/4/2/1.
+_V1 = dict(group_size=7, interval=(8, 4, 2, 1))
+# CrossFormer++: progressive group sizes (PGS) 4/4/14/7, intervals 4/2/1/1, activation cooling.
+_PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True)
+
+
+def _variant(name: str, pretrained: bool, arch: Dict[str, Any], kwargs: Dict[str, Any]) -> CrossFormer:
+    return _create_crossformer(name, pretrained=pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def crossformer_t(pretrained: bool = False, **kwargs) -> CrossFormer:
+    return _variant('crossformer_t', pretrained, dict(
+        embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.1, **_V1), kwargs)
+
+
+@register_model
+def crossformer_s(pretrained: bool = False, **kwargs) -> CrossFormer:
+    return _variant('crossformer_s', pretrained, dict(
+        embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2, **_V1), kwargs)
+
+
+@register_model
+def crossformer_b(pretrained: bool = False, **kwargs) -> CrossFormer:
+    return _variant('crossformer_b', pretrained, dict(
+        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_V1), kwargs)
+
+
+@register_model
+def crossformer_l(pretrained: bool = False, **kwargs) -> CrossFormer:
+    return _variant('crossformer_l', pretrained, dict(
+        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_V1), kwargs)
+
+
+@register_model
+def crossformerpp_s(pretrained: bool = False, **kwargs) -> CrossFormer:
+    return _variant('crossformerpp_s', pretrained, dict(
+        embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.2, **_PP), kwargs)
+
+
+@register_model
+def crossformerpp_b(pretrained: bool = False, **kwargs) -> CrossFormer:
+    return _variant('crossformerpp_b', pretrained, dict(
+        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_PP), kwargs)
+
+
+@register_model
+def crossformerpp_l(pretrained: bool = False, **kwargs) -> CrossFormer:
+    return _variant('crossformerpp_l', pretrained, dict(
+        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_PP), kwargs)
+
+
+@register_model
+def crossformerpp_h(pretrained: bool = False, **kwargs) -> CrossFormer:
+    return _variant('crossformerpp_h', pretrained, dict(
+        embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_PP), kwargs)
