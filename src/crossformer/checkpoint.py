@@ -9,11 +9,12 @@ before anything in it runs.
 """
 import os
 import pickle
+import types
 from pathlib import Path
 from typing import Dict, Mapping, Union
 
 import torch
-from torch import nn
+from torch import _weights_only_unpickler, nn
 
 __all__ = ['CheckpointError', 'InertConfig', 'read_checkpoint', 'load_checkpoint', 'convert_checkpoint']
 
@@ -30,11 +31,30 @@ class CheckpointError(ValueError):
 class InertConfig(dict):
     """Stands in for a pickled config object: keeps its items and attributes, runs nothing."""
 
-    def __init__(self, *args, **kwargs):  # called instead of the pickled class; ignores its arguments
-        super().__init__()
-
     def __setstate__(self, state):
         self.attributes = state
+
+
+class _ConfigUnpickler(pickle.Unpickler):
+    """``weights_only`` rules plus :data:`CONFIG_CLASSES` read as :class:`InertConfig`.
+
+    torch's own ``weights_only`` unpickler cannot fill a dict subclass such as yacs' ``CfgNode``,
+    so this one resolves globals itself: torch's allow-list (tensors, storages, plain
+    containers) and the config classes; anything else is refused before it is called.
+    """
+
+    def find_class(self, module: str, name: str):
+        full_name = f'{module}.{name}'
+        if full_name in CONFIG_CLASSES:
+            return InertConfig
+        allowed = _weights_only_unpickler._get_allowed_globals()
+        if full_name in allowed:
+            return allowed[full_name]
+        raise pickle.UnpicklingError(f'refused to load the pickled global {full_name}')
+
+
+_config_pickle_module = types.SimpleNamespace(
+    Unpickler=_ConfigUnpickler, load=lambda f, **kw: _ConfigUnpickler(f, **kw).load(), __name__=__name__)
 
 
 def _torch_load(path: PathLike) -> object:
@@ -42,14 +62,13 @@ def _torch_load(path: PathLike) -> object:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
         pass
-    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read statically, nothing runs
     refused = sorted(set(unsafe) - set(CONFIG_CLASSES))
     if refused:
         raise CheckpointError(
             f'{path}: refused, the file holds pickled objects that could run code when loaded: {refused}. '
             f'Only tensors, plain containers and config objects ({", ".join(CONFIG_CLASSES)}) are read.')
-    with torch.serialization.safe_globals([(InertConfig, name) for name in unsafe]):
-        return torch.load(path, map_location='cpu', weights_only=True)
+    return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_config_pickle_module)
 
 
 def read_checkpoint(path: PathLike) -> Dict[str, torch.Tensor]:

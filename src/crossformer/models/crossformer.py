@@ -81,7 +81,8 @@ class CrossFormer(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
 
         self.patch_embed = CrossEmbedLayer(in_chans, dims[0], stem_kernel_sizes, stride=stem_stride)
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        total = sum(depths)
+        drop_path = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # rises linearly block by block
         self.layers = nn.Sequential()
         self.feature_info = []
         reduction = stem_stride
@@ -99,7 +100,7 @@ class CrossFormer(nn.Module):
                 cooling=use_acl,
                 proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate,
-                drop_path=drop_path[i].tolist(),
+                drop_path=drop_path[sum(depths[:i]):sum(depths[:i + 1])],
             ))
             reduction *= 2 if i > 0 else 1
             self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f'layers.{i}'))
