@@ -247,10 +247,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs) -> CrossFormer:
     if pretrained:
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
         cfg = kwargs.get('pretrained_cfg') or get_pretrained_cfg(variant)
-        cfg = cfg.to_dict() if isinstance(cfg, PretrainedCfg) else dict(cfg or {})
-        cfg.update(kwargs.get('pretrained_cfg_overlay') or {})
-        if not (cfg.get('file') or cfg.get('state_dict')):
+        cfg = dict(cfg.to_dict() if isinstance(cfg, PretrainedCfg) else cfg or {}, **overlay)
+        if cfg.get('file'):
+            # timm resets custom_load for a user's file; keep ours: safe reading of reference files
+            kwargs['pretrained_cfg_overlay'] = dict(overlay, custom_load=overlay.get('custom_load', True))
+        elif not cfg.get('state_dict'):
             raise ValueError(
                 f'{variant}: the weights published with the paper are not downloaded automatically. Get the file '
                 f'from {WEIGHTS_URL} and pass it: timm.create_model({variant!r}, pretrained=True, '
