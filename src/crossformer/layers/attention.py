@@ -55,11 +55,12 @@ class GroupAttention(nn.Module):
     def forward(self, x: torch.Tensor, group_size: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
         qkv = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # B_, heads, N, head_dim
-        bias = self.pos(group_size).unsqueeze(0)  # 1, heads, N, N
+        bias = self.pos(group_size)  # heads, N, N
         if mask is not None:
-            num_groups = mask.shape[0]
-            bias = (bias + mask).repeat(B_ // num_groups, 1, 1, 1)  # B_, heads, N, N
+            # one (heads, N, N) mask per group position, broadcast over the images of the batch
+            bias = bias + mask  # groups, heads, N, N
+            qkv = qkv.view(3, -1, mask.shape[0], self.num_heads, N, self.head_dim)
+        q, k, v = qkv.unbind(0)  # [B, groups | B_], heads, N, head_dim
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop.p if self.training else 0.)
@@ -67,5 +68,5 @@ class GroupAttention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1) + bias
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
-        x = x.transpose(1, 2).reshape(B_, N, C)
+        x = x.transpose(-3, -2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
