@@ -55,18 +55,21 @@ class GroupAttention(nn.Module):
     def forward(self, x: torch.Tensor, group_size: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
         qkv = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        bias = self.pos(group_size)  # heads, N, N
+        q, k, v = qkv.unbind(0)  # B_, heads, N, head_dim
+        bias = self.pos(group_size).unsqueeze(0)  # 1, heads, N, N
         if mask is not None:
-            # one (heads, N, N) mask per group position, broadcast over the images of the batch
-            bias = bias + mask  # groups, heads, N, N
-            qkv = qkv.view(3, -1, mask.shape[0], self.num_heads, N, self.head_dim)
-        q, k, v = qkv.unbind(0)  # [B, groups | B_], heads, N, head_dim
+            bias = bias + mask  # groups, heads, N, N: one per group position, the same for every image
         if self.fused_attn:
+            if mask is not None:
+                # SDPA's fast CPU kernel takes a 4-D mask only, so expand it over the images
+                bias = bias.expand(B_ // mask.shape[0], -1, -1, -1, -1).reshape(B_, self.num_heads, N, N)
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop.p if self.training else 0.)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
-        x = x.transpose(-3, -2).reshape(B_, N, C)
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                attn = attn.view(-1, mask.shape[0], self.num_heads, N, N)  # B, groups, heads, N, N
+            attn = self.attn_drop((attn + bias).softmax(dim=-1))
+            x = attn.view(B_, self.num_heads, N, N) @ v
+        x = x.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
