@@ -163,3 +163,18 @@ def test_block_does_not_depend_on_previous_inputs():
     first = block(big)
     block(torch.randn(1, 3, 5, 16))
     assert torch.equal(block(big), first)
+
+
+def test_dpb_cache_is_used_without_grad_and_never_stale():
+    dpb = DynamicPosBias(8, num_heads=2)
+    with torch.no_grad():
+        first = dpb(5)
+        assert dpb(5) is first  # cached
+        dpb.pos3[2].bias.add_(1.0)  # an optimizer step or load_state_dict bumps the version
+        updated = dpb(5)
+    torch.testing.assert_close(updated, first + 1.0)
+    assert dpb(5).requires_grad and dpb(5) is not dpb(5)  # with grad: recomputed, differentiable
+    dpb.load_state_dict(DynamicPosBias(8, num_heads=2).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(dpb(5), dpb.bias(5))
+        assert not torch.allclose(dpb(5), updated)

@@ -1,5 +1,6 @@
 """Dynamic position bias (DPB): an MLP from a relative offset (dy, dx) to one bias per head."""
 from functools import lru_cache
+from typing import Dict
 
 import torch
 from torch import nn
@@ -56,6 +57,8 @@ class DynamicPosBias(nn.Module):
         self.pos1 = self._step(hidden_dim, hidden_dim)
         self.pos2 = self._step(hidden_dim, hidden_dim)
         self.pos3 = self._step(hidden_dim, num_heads)
+        self.cache_bias = True
+        self._cache: Dict[tuple, torch.Tensor] = {}
 
     @staticmethod
     def _step(dim: int, out_dim: int) -> nn.Sequential:
@@ -71,10 +74,30 @@ class DynamicPosBias(nn.Module):
             pos = self.pos2(self.pos1(pos))
         return self.pos3(pos)
 
-    def forward(self, group_size: int) -> torch.Tensor:
+    def bias(self, group_size: int) -> torch.Tensor:
+        """The bias for a ``G x G`` group, always computed: ``(num_heads, G*G, G*G)``."""
         device = self.pos_proj.weight.device
         offsets = relative_offsets(group_size, device).to(self.pos_proj.weight.dtype)
         table = self.table(offsets)  # (2G-1)^2, heads
         index = relative_position_index(group_size, device)
         N = group_size * group_size
-        return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # heads, N, N
+        return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+
+    def forward(self, group_size: int) -> torch.Tensor:
+        """:meth:`bias`, cached per group size while no gradient is recorded.
+
+        The cache key holds the parameters' device, dtype and version counters, so an
+        optimizer step or ``load_state_dict`` invalidates it; training recomputes every call.
+        """
+        if not self.cache_bias or torch.is_grad_enabled() or torch.jit.is_scripting() or torch.jit.is_tracing():
+            return self.bias(group_size)
+        return self._cached_bias(group_size)
+
+    @torch.jit.unused
+    def _cached_bias(self, group_size: int) -> torch.Tensor:
+        weight = self.pos_proj.weight
+        key = (group_size, weight.device, weight.dtype, tuple(p._version for p in self.parameters()))
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[1:] == key[1:]}  # drop stale entries
+            self._cache[key] = self.bias(group_size)
+        return self._cache[key]
