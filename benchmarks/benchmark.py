@@ -1,0 +1,190 @@
+"""Throughput, activation memory and scaling of CrossFormer, as ratios measured in one run.
+
+    python benchmarks/benchmark.py                       # all sections, CPU, fp32
+    python benchmarks/benchmark.py --sections eval --models crossformer_s crossformer_t
+    python benchmarks/benchmark.py --device cuda --batch 128 --amp bf16 --compile
+
+Every timing is the median over ``--rounds`` interleaved rounds (each contender once per
+round, in turn), so slow drift of the machine hits all of them alike. Baselines:
+
+- ``explicit``: this library with explicit matmul-softmax-matmul attention and no bias cache;
+- ``swin_tiny``: timm's ``swin_tiny_patch4_window7_224`` (fused attention), same input.
+"""
+import argparse
+import contextlib
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import crossformer  # noqa: F401  (registers the models)
+
+PAPER_GFLOPS = {'crossformer_t': 2.9, 'crossformer_s': 4.9, 'crossformer_b': 9.2, 'crossformer_l': 16.1,
+                'crossformerpp_s': 4.9, 'crossformerpp_b': 9.5, 'crossformerpp_l': 16.6, 'crossformerpp_h': 21.8}
+SWIN = 'swin_tiny_patch4_window7_224'
+
+
+def explicit(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch a CrossFormer to explicit attention without the position-bias cache."""
+    for m in model.modules():
+        if hasattr(m, 'fused_attn'):
+            m.fused_attn = False
+        if hasattr(m, 'cache_bias'):
+            m.cache_bias = False
+    return model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: Dict[str, Callable[[], None]], rounds: int, device: torch.device) -> Dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds after one warm-up."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gmacs(model: torch.nn.Module, size: int = 224) -> float:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() / 2e9
+
+
+def autocast(args, device):
+    if args.amp == 'none':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, {'bf16': 'bfloat16', 'fp16': 'float16'}[args.amp]))
+
+
+def build(name: str, device: torch.device, compile_model: bool, train: bool = False) -> torch.nn.Module:
+    model = timm.create_model(name).to(device).train(train)
+    return torch.compile(model) if compile_model else model
+
+
+def section_eval(args, device):
+    print(f'\n## eval: batch {args.batch}, {args.size}x{args.size}, {device}, amp {args.amp}'
+          f'{", compiled" if args.compile else ""}; img/s (median of {args.rounds} interleaved rounds)')
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    swin = build(SWIN, device, args.compile)
+    swin_gmacs = gmacs(timm.create_model(SWIN), args.size) if args.size == 224 else float('nan')
+    print(f'| model | img/s | vs explicit | img/s per GMAC vs {SWIN} |')
+    print('|---|---:|---:|---:|')
+    for name in args.models:
+        fused, plain = build(name, device, args.compile), explicit(build(name, device, args.compile))
+        fns = {'fused': lambda: fused(x), 'explicit': lambda: plain(x), 'swin': lambda: swin(x)}
+        with torch.inference_mode(), autocast(args, device):
+            t = interleaved(fns, args.rounds, device)
+        g = gmacs(timm.create_model(name), args.size)
+        per_gmac = (t['swin'] * swin_gmacs) / (t['fused'] * g)
+        print(f'| {name} | {args.batch / t["fused"]:.1f} | {t["explicit"] / t["fused"]:.2f}x | {per_gmac:.2f}x |')
+    print(f'| {SWIN} | {args.batch / t["swin"]:.1f} | | 1.00x |')
+
+
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward during one forward (distinct storages)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def section_train(args, device):
+    batch = max(args.batch // 2, 1)
+    print(f'\n## train step (forward + backward + AdamW), batch {batch}, {args.size}x{args.size}, amp {args.amp}')
+    x = torch.randn(batch, 3, args.size, args.size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    for name in args.models:
+        models = {'fused': build(name, device, False, True), 'explicit': explicit(build(name, device, False, True)),
+                  'fused+ckpt': build(name, device, False, True)}
+        models['fused+ckpt'].set_grad_checkpointing(True)
+        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
+
+        def step(k):
+            def run():
+                with autocast(args, device):
+                    loss = torch.nn.functional.cross_entropy(models[k](x), y)
+                loss.backward()
+                opts[k].step()
+                opts[k].zero_grad(set_to_none=True)
+            return run
+
+        t = interleaved({k: step(k) for k in models}, args.rounds, device)
+        with autocast(args, device):
+            mem = {k: saved_activation_bytes(m, x) for k, m in models.items()}
+        print(f'| {name} | img/s | vs explicit | activations kept for backward | vs explicit |')
+        print('|---|---:|---:|---:|---:|')
+        for k in models:
+            print(f'| {k} | {batch / t[k]:.2f} | {t["explicit"] / t[k]:.2f}x | {mem[k] / 2**20:.0f} MiB '
+                  f'| {mem[k] / mem["explicit"]:.2f}x |')
+
+
+def section_scaling(args, device):
+    name = args.models[0]
+    print(f'\n## dense features of {name} by image size (batch 1): time per megapixel')
+    fused, plain = build(name, device, False), explicit(build(name, device, False))
+    rows = []
+    for size in args.scaling_sizes:
+        x = torch.randn(1, 3, size, size, device=device)
+        fns = {'fused': lambda: fused.forward_intermediates(x, intermediates_only=True),
+               'explicit': lambda: plain.forward_intermediates(x, intermediates_only=True)}
+        with torch.inference_mode(), autocast(args, device):
+            t = interleaved(fns, args.rounds, device)
+        rows.append((size, t))
+    base = rows[0][1]['fused'] / rows[0][0] ** 2
+    print('| size | fused ms | per pixel vs smallest | explicit / fused |')
+    print('|---|---:|---:|---:|')
+    for size, t in rows:
+        print(f'| {size} | {t["fused"] * 1e3:.0f} | {t["fused"] / size ** 2 / base:.2f}x | {t["explicit"] / t["fused"]:.2f}x |')
+
+
+def section_gmacs(args, device):
+    print('\n## GMACs at 224 (torch.utils.flop_counter: matmuls and convolutions) next to the paper')
+    print('| model | GMACs | paper GFLOPs |')
+    print('|---|---:|---:|')
+    for name in PAPER_GFLOPS:
+        print(f'| {name} | {gmacs(timm.create_model(name)):.2f} | {PAPER_GFLOPS[name]} |')
+
+
+SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--sections', nargs='+', default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument('--models', nargs='+', default=['crossformer_s'])
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'])
+    parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--scaling-sizes', nargs='+', type=int, default=[224, 512, 768, 1024])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    print(f'torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, device {device}')
+    for name in args.sections:
+        SECTIONS[name](args, device)
+
+
+if __name__ == '__main__':
+    main()
