@@ -170,3 +170,14 @@ def test_vit_pytorch_documented_example():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
     with pytest.raises(ValueError, match='one kernel set and stride 2'):
         from_vit_pytorch_kwargs(cross_embed_strides=(4, 2, 3, 2))
+
+
+def test_torchscript_matches_eager(small):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script is deprecated in recent torch
+        scripted = torch.jit.script(small)
+    for size in [(64, 96), (40, 72)]:  # a padded size and a small-map size
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), small(x), atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['group_layout', 'group_tokens', 'ungroup_tokens', 'padding_mask', 'MASK_VALUE']
+__all__ = ['group_layout', 'group_tokens', 'ungroup_tokens', 'build_padding_mask', 'padding_mask', 'MASK_VALUE']
 
 # Added to the logits of padded keys. Large but finite, as in the reference: a group made only
 # of padding then gets uniform weights instead of NaN.
@@ -52,22 +52,32 @@ def ungroup_tokens(x: torch.Tensor, group_size: int, interval: int, height: int,
     return x.reshape(-1, height, width, C)
 
 
-@lru_cache(maxsize=64)
-def _padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
-                  device: torch.device) -> Optional[torch.Tensor]:
-    if (height, width) == (padded_h, padded_w):
+def build_padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
+                       device: torch.device, mask_value: float = MASK_VALUE) -> Optional[torch.Tensor]:
+    """Additive mask for padded keys, ``(num_groups, 1, 1, G*G)`` float, or None without padding.
+
+    Queries are not masked: padded queries are cropped away after attention.
+    """
+    if height == padded_h and width == padded_w:
         return None
     pad = torch.ones(1, padded_h, padded_w, 1, device=device)
     pad[:, :height, :width] = 0
     pad = group_tokens(pad, group_size, interval).squeeze(-1)  # groups, G*G
-    return (pad * MASK_VALUE)[:, None, None, :]  # groups, 1, 1, G*G
+    return (pad * mask_value)[:, None, None, :]  # groups, 1, 1, G*G
+
+
+_mask_cache = lru_cache(maxsize=64)(build_padding_mask)
+
+
+@torch.jit.unused
+def _cached_padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
+                         device: torch.device) -> Optional[torch.Tensor]:
+    return _mask_cache(height, width, group_size, interval, padded_h, padded_w, device)
 
 
 def padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
                  device: torch.device) -> Optional[torch.Tensor]:
-    """Additive mask for padded keys, ``(num_groups, 1, 1, G*G)`` float, or None without padding.
-
-    Queries are not masked: padded queries are cropped away after attention. Cached per shape
-    and device; treat the result as read-only.
-    """
-    return _padding_mask(height, width, group_size, interval, padded_h, padded_w, torch.device(device))
+    """:func:`build_padding_mask`, cached per shape and device; treat the result as read-only."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return build_padding_mask(height, width, group_size, interval, padded_h, padded_w, device)
+    return _cached_padding_mask(height, width, group_size, interval, padded_h, padded_w, device)

@@ -1,6 +1,5 @@
 """Dynamic position bias (DPB): an MLP from a relative offset (dy, dx) to one bias per head."""
-from functools import lru_cache
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -8,32 +7,23 @@ from torch import nn
 __all__ = ['DynamicPosBias', 'relative_offsets', 'relative_position_index']
 
 
-@lru_cache(maxsize=32)
-def _offsets(group_size: int, device: torch.device) -> torch.Tensor:
+def relative_offsets(group_size: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """All ``(2G-1)**2`` offsets ``(dy, dx)`` inside a ``G x G`` group, row-major: ``((2G-1)**2, 2)`` float."""
     r = torch.arange(1 - group_size, group_size, device=device, dtype=torch.float32)
     return torch.stack(torch.meshgrid(r, r, indexing='ij'), dim=-1).reshape(-1, 2)
 
 
-@lru_cache(maxsize=32)
-def _index(group_size: int, device: torch.device) -> torch.Tensor:
-    G = group_size
-    coords = torch.stack(torch.meshgrid(torch.arange(G), torch.arange(G), indexing='ij')).flatten(1)  # 2, G*G
-    rel = coords[:, :, None] - coords[:, None, :] + (G - 1)  # 2, G*G, G*G
-    return (rel[0] * (2 * G - 1) + rel[1]).to(device)
-
-
-def relative_offsets(group_size: int, device: torch.device = torch.device('cpu')) -> torch.Tensor:
-    """All ``(2G-1)**2`` offsets ``(dy, dx)`` inside a ``G x G`` group, row-major: ``((2G-1)**2, 2)`` float."""
-    return _offsets(group_size, torch.device(device))
-
-
-def relative_position_index(group_size: int, device: torch.device = torch.device('cpu')) -> torch.Tensor:
+def relative_position_index(group_size: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Row of :func:`relative_offsets` for each (query, key) pair of a group: ``(G*G, G*G)`` int64.
 
     Tokens are numbered row-major inside their group; query ``i`` at ``(hi, wi)`` and key ``j``
     at ``(hj, wj)`` look up ``(hi - hj + G - 1) * (2G - 1) + (wi - wj + G - 1)``.
     """
-    return _index(group_size, torch.device(device))
+    G = group_size
+    r = torch.arange(G, device=device)
+    coords = torch.stack(torch.meshgrid(r, r, indexing='ij')).flatten(1)  # 2, G*G
+    rel = coords[:, :, None] - coords[:, None, :] + (G - 1)  # 2, G*G, G*G
+    return rel[0] * (2 * G - 1) + rel[1]
 
 
 class DynamicPosBias(nn.Module):
