@@ -22,7 +22,7 @@ from timm.models._registry import get_pretrained_cfg
 
 from ..layers import CrossEmbedLayer, Stage
 
-__all__ = ['CrossFormer', 'checkpoint_filter_fn']
+__all__ = ['CrossFormer', 'checkpoint_filter_fn', 'PAPER_RESULTS']
 
 WEIGHTS_URL = 'https://github.com/cheerss/CrossFormer#model-zoo'
 
@@ -266,7 +266,22 @@ def _create_crossformer(variant: str, pretrained: bool = False, **kwargs) -> Cro
     )
 
 
-def _cfg(top1: float, gmacs_paper: float, params_m: float, arxiv: str, **kwargs) -> Dict[str, Any]:
+# The papers' figures: ImageNet-1k top-1 (%) at 224, params (M), GFLOPs (multiply-accumulates).
+PAPER_RESULTS = {
+    'crossformer_t': dict(top1=81.5, params_m=27.8, gflops=2.9),
+    'crossformer_s': dict(top1=82.5, params_m=30.7, gflops=4.9),
+    'crossformer_b': dict(top1=83.4, params_m=52.0, gflops=9.2),
+    'crossformer_l': dict(top1=84.0, params_m=92.0, gflops=16.1),
+    'crossformerpp_s': dict(top1=83.2, params_m=23.3, gflops=4.9),
+    'crossformerpp_b': dict(top1=84.2, params_m=52.0, gflops=9.5),
+    'crossformerpp_l': dict(top1=84.7, params_m=92.0, gflops=16.6),
+    'crossformerpp_h': dict(top1=84.9, params_m=96.0, gflops=21.8),
+}
+
+
+def _cfg(variant: str) -> Dict[str, Any]:
+    paper = PAPER_RESULTS[variant]
+    plus_plus = variant.startswith('crossformerpp')
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
@@ -274,26 +289,15 @@ def _cfg(top1: float, gmacs_paper: float, params_m: float, arxiv: str, **kwargs)
         'first_conv': tuple(f'patch_embed.projs.{i}' for i in range(4)), 'classifier': 'head.fc',
         'custom_load': True,
         'license': 'mit', 'origin_url': 'https://github.com/cheerss/CrossFormer',
-        'paper_ids': f'arXiv:{arxiv}',
-        'paper_name': 'CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale Attention'
-                      + ('' if arxiv == '2108.00154' else ' (CrossFormer++)'),
-        'notes': (f'ImageNet-1k top-1 {top1}% at 224, {params_m}M params, {gmacs_paper} GFLOPs in the paper',
-                  f'weights: {WEIGHTS_URL}'),
-        **kwargs,
+        'paper_ids': 'arXiv:2303.06908' if plus_plus else 'arXiv:2108.00154',
+        'paper_name': 'CrossFormer++: A Versatile Vision Transformer Hinging on Cross-scale Attention' if plus_plus
+                      else 'CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale Attention',
+        'notes': (f"ImageNet-1k top-1 {paper['top1']}% at 224, {paper['params_m']}M params, "
+                  f"{paper['gflops']} GFLOPs in the paper", f'weights: {WEIGHTS_URL}'),
     }
 
 
-V1, PP = '2108.00154', '2303.06908'
-default_cfgs = generate_default_cfgs({
-    'crossformer_t.in1k': _cfg(81.5, 2.9, 27.8, V1),
-    'crossformer_s.in1k': _cfg(82.5, 4.9, 30.7, V1),
-    'crossformer_b.in1k': _cfg(83.4, 9.2, 52.0, V1),
-    'crossformer_l.in1k': _cfg(84.0, 16.1, 92.0, V1),
-    'crossformerpp_s.in1k': _cfg(83.2, 4.9, 23.3, PP),
-    'crossformerpp_b.in1k': _cfg(84.2, 9.5, 52.0, PP),
-    'crossformerpp_l.in1k': _cfg(84.7, 16.6, 92.0, PP),
-    'crossformerpp_h.in1k': _cfg(84.9, 21.8, 96.0, PP),
-})
+default_cfgs = generate_default_cfgs({f'{name}.in1k': _cfg(name) for name in PAPER_RESULTS})
 
 # CrossFormer (v1): group 7 in every stage, LDA intervals 8/4/2/1.
 _V1 = dict(group_size=7, interval=(8, 4, 2, 1))

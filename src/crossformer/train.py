@@ -1,0 +1,364 @@
+"""The training engine behind ``crossformer train`` and ``crossformer validate``.
+
+Built from timm's pieces: ``create_model``, ``create_transform``, ``Mixup``, its losses,
+``create_optimizer_v2`` (no weight decay on norms and biases), ``create_scheduler_v2`` (stepped
+every update), ``ModelEmaV3``, ``dispatch_clip_grad`` and ``init_distributed_device_so``.
+
+Distributed: launched with ``torchrun``, every process trains on its share of each global batch
+in ``DistributedDataParallel``; rank 0 alone logs, draws and saves. Every process reseeds at the
+start of each epoch from ``(seed, epoch, rank)``, so a run resumed at an epoch boundary repeats
+exactly what the uninterrupted run would have done.
+"""
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict
+from .data import build_datasets, build_transform, train_loader, val_loader
+from .metrics import plot_curves, write_csv
+from .snapshot import load_snapshot, save_snapshot, save_weights, snapshot_json_path
+
+__all__ = ['Trainer', 'train', 'evaluate', 'create_model', 'resume_config', 'Runtime']
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: device and its place among the distributed processes."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Join the process group when launched by torchrun (env ``RANK``, ``WORLD_SIZE``...)."""
+    from timm.utils.distributed import init_distributed_device_so
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    info = init_distributed_device_so(device=device)
+    return Runtime(torch.device(info['device']), info['global_rank'], info['world_size'], info['distributed'])
+
+
+def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> None:
+    """Seed torch, numpy and random for (seed, epoch, rank): distinct per rank (below 1000 ranks)."""
+    from timm.utils import random_seed
+    random_seed(seed + 1000 * epoch, rank)
+
+
+def create_model(model: str, num_classes: int, model_kwargs: Optional[Mapping[str, Any]] = None,
+                 **kwargs) -> nn.Module:
+    """``timm.create_model`` with an error that names close matches for an unknown model."""
+    import timm
+    if not timm.is_model(model):
+        import difflib
+        close = difflib.get_close_matches(model, timm.list_models(), n=4, cutoff=0.6)
+        raise ConfigError(f'unknown model {model!r}' + (f'; did you mean {", ".join(close)}?' if close else '')
+                          + f' CrossFormer models: {", ".join(timm.list_models("crossformer*"))}')
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return timm.create_model(model, num_classes=num_classes, **dict(model_kwargs or {}), **kwargs)
+    except TypeError as e:  # an unknown constructor argument in model_kwargs
+        raise ConfigError(f'model {model!r} does not accept these arguments: {e}') from None
+
+
+def data_defaults(model: str) -> Dict[str, Any]:
+    """The model's normalization (mean, std) from its timm pretrained config, else ImageNet's."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import get_pretrained_cfg
+    pretrained = get_pretrained_cfg(model, allow_unregistered=True)
+    return dict(mean=getattr(pretrained, 'mean', IMAGENET_DEFAULT_MEAN), std=getattr(pretrained, 'std', IMAGENET_DEFAULT_STD))
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bfloat16 autocast (float16 on CUDA without bfloat16), or nothing when ``cfg.amp`` is off."""
+    if not cfg.amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype(device))
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, runtime: Runtime, cfg: Optional[TrainConfig] = None,
+             progress: bool = False, desc: str = 'val') -> Dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (%) on ``loader``, summed over all processes."""
+    from tqdm import tqdm
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss sum, top1, top5, count
+    ctx = autocast(cfg, runtime.device) if cfg is not None else nullcontext()
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if progress and runtime.is_main else True):
+        images, targets = images.to(runtime.device), targets.to(runtime.device)
+        with ctx:
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[-1])
+        hits = logits.topk(k, dim=-1).indices == targets[:, None]
+        totals += torch.stack([
+            nn.functional.cross_entropy(logits, targets, reduction='sum').double(),
+            hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(), torch.tensor(len(targets), device=runtime.device).double(),
+        ])
+    if runtime.distributed:
+        dist.all_reduce(totals)
+    loss, top1, top5, count = totals.tolist()
+    if count == 0:
+        raise ConfigError('the validation set is empty')
+    return dict(loss=loss / count, top1=100.0 * top1 / count, top5=100.0 * top5 / count, count=int(count))
+
+
+def resume_config(path, overrides: Optional[Mapping[str, Any]] = None) -> TrainConfig:
+    """The config saved in a snapshot (``path``: run directory or its ``last.json``) plus ``overrides``.
+
+    ``output`` becomes the snapshot's directory unless overridden.
+    """
+    import json
+    json_path = snapshot_json_path(path)
+    saved = json.loads(json_path.read_text())['config']
+    cfg = config_from_dict(dict(saved, output=str(json_path.parent)))
+    return apply_overrides(cfg, overrides or {})
+
+
+class Trainer:
+    """Builds model, data, optimizer and schedule from a :class:`TrainConfig`, then :meth:`fit`.
+
+    ``resume``: a run directory (or its ``last.json``) to continue from.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume=None, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.rt = setup_runtime(cfg)
+        self.output = Path(cfg.output)
+        self._build_data()  # first: it fixes the number of classes
+        self._build_model()
+        self._build_optimization()
+        self._build_loss()
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer updates completed
+        self.history: List[Dict[str, Any]] = []
+        self.best = dict(top1=-1.0, epoch=-1)
+        if resume is not None:
+            self.load(resume)
+
+    def _build_data(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        norm = data_defaults(cfg.model)
+        self.mean, self.std = list(cfg.mean or norm['mean']), list(cfg.std or norm['std'])
+        self.data = build_datasets(cfg, build_transform(cfg, norm, training=True), build_transform(cfg, norm, training=False))
+        pin = rt.device.type == 'cuda'
+        self.train_loader = train_loader(self.data.train, cfg, rt.rank, rt.world_size, pin)
+        self.val_loader = val_loader(self.data.val, cfg, rt.rank, rt.world_size, pin)
+        self.updates_per_epoch = len(self.train_loader)
+
+    def _build_model(self) -> None:
+        """The model (same initialization on every rank), its EMA copy, and the DDP wrapper."""
+        from timm.utils import ModelEmaV3
+        cfg, rt = self.cfg, self.rt
+        seed_everything(cfg.seed)
+        model = create_model(cfg.model, len(self.data.class_names), cfg.model_kwargs,
+                             drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate)
+        if cfg.initial_checkpoint:
+            from .checkpoint import load_checkpoint
+            load_checkpoint(model, cfg.initial_checkpoint)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.model = model.to(rt.device)
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
+        self.ddp_model = self.model
+        if rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[rt.device.index] if rt.device.type == 'cuda' else None)
+
+    def _build_optimization(self) -> None:
+        """Optimizer, per-update schedule and grad scaler; learning rates scaled by the global batch."""
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        cfg, rt = self.cfg, self.rt
+        self.lr_scale = cfg.batch_size * rt.world_size / cfg.lr_base_size if cfg.lr_base_size else 1.0
+        self.optimizer = create_optimizer_v2(
+            self.model, opt=cfg.opt, lr=cfg.lr * self.lr_scale, weight_decay=cfg.weight_decay,
+            eps=cfg.opt_eps, betas=tuple(cfg.betas))
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr * self.lr_scale, min_lr=cfg.min_lr * self.lr_scale,
+            step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.amp and amp_dtype(rt.device) == torch.float16)
+
+    def _build_loss(self) -> None:
+        """Soft-target cross-entropy with Mixup/CutMix, else label smoothing, else plain cross-entropy."""
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        cfg = self.cfg
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                               switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                               label_smoothing=cfg.smoothing, num_classes=len(self.data.class_names))
+            self.loss_fn = SoftTargetCrossEntropy()
+        elif cfg.smoothing > 0:
+            self.loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+        else:
+            self.loss_fn = nn.CrossEntropyLoss()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def weights_info(self) -> Dict[str, Any]:
+        """What ``validate`` and ``predict`` need to rebuild the model and read its outputs."""
+        cfg = self.cfg
+        return dict(model=cfg.model, model_kwargs=cfg.model_kwargs, num_classes=len(self.data.class_names),
+                    class_names=self.data.class_names, dataset=cfg.dataset, img_size=cfg.img_size,
+                    interpolation=cfg.interpolation, crop_pct=cfg.crop_pct, mean=self.mean, std=self.std,
+                    epoch=self.epoch)
+
+    def save(self, name: str = 'last') -> Path:
+        state = dict(epoch=self.epoch, step=self.step, config=self.cfg.to_dict(), best=self.best,
+                     history=self.history, world_size=self.rt.world_size, scaler=self.scaler.state_dict())
+        return save_snapshot(self.output, name, self.model, self.optimizer, self.weights_info(), state,
+                             ema=self.ema.module if self.ema is not None else None)
+
+    def load(self, path) -> None:
+        snap = load_snapshot(path)
+        self.model.load_state_dict(snap['weights'])
+        if self.ema is not None:
+            if snap['ema_weights'] is None:
+                raise ConfigError(f'{snap["json_path"]} was saved without EMA; resume with ema=false')
+            self.ema.module.load_state_dict(snap['ema_weights'])
+        self.optimizer.load_state_dict(snap['optimizer_state'])
+        if snap.get('scaler'):
+            self.scaler.load_state_dict(snap['scaler'])
+        self.epoch, self.step = snap['epoch'], snap['step']
+        self.history, self.best = snap['history'], snap['best']
+        if self.step != self.epoch * self.updates_per_epoch:
+            raise ConfigError(f'{snap["json_path"]}: step {self.step} is not epoch {self.epoch} x '
+                              f'{self.updates_per_epoch} updates; the batch size or world size changed '
+                              f'(saved with world size {snap.get("world_size")})')
+        self.scheduler.step_update(self.step)
+        if self.rt.is_main:
+            _logger.info(f'resumed from {snap["json_path"]} at epoch {self.epoch}, step {self.step}')
+
+    # ---- loop --------------------------------------------------------------------------------
+    def train_one_epoch(self) -> Dict[str, float]:
+        from timm.utils import dispatch_clip_grad
+        from tqdm import tqdm
+        cfg, rt, model = self.cfg, self.rt, self.ddp_model
+        seed_everything(cfg.seed, self.epoch, rt.rank)
+        self.train_loader.sampler.set_epoch(self.epoch)
+        model.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss sum, count
+        bar = tqdm(self.train_loader, desc=f'epoch {self.epoch + 1}/{cfg.epochs}', leave=False,
+                   disable=None if self.progress and rt.is_main else True, dynamic_ncols=True)  # None: tty only
+        for images, targets in bar:
+            images, targets = images.to(rt.device, non_blocking=True), targets.to(rt.device, non_blocking=True)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            with autocast(cfg, rt.device):
+                loss = self.loss_fn(model(images), targets)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f'loss is {loss.item()} at step {self.step}; lower lr or enable clip_grad')
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                dispatch_clip_grad(self.model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            self.scheduler.step_update(self.step)
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.step)
+            loss_sum += torch.stack([loss.detach().double() * len(images), torch.tensor(len(images), dtype=torch.float64, device=rt.device)])
+            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{self.optimizer.param_groups[0]["lr"]:.2e}', refresh=False)
+        bar.close()
+        if rt.distributed:
+            dist.all_reduce(loss_sum)
+        return dict(train_loss=(loss_sum[0] / loss_sum[1]).item())
+
+    def fit(self, stop_after: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Train until ``cfg.epochs`` (or stop once ``stop_after`` epochs are done); returns the history.
+
+        Stopping early leaves a snapshot that ``resume`` continues on the same schedule.
+        """
+        cfg, rt = self.cfg, self.rt
+        last_epoch = min(cfg.epochs, stop_after) if stop_after is not None else cfg.epochs
+        if rt.is_main:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            _logger.info(
+                f'{cfg.model}: {n_params / 1e6:.2f}M params, {len(self.data.class_names)} classes; '
+                f'{len(self.data.train)} train / {len(self.data.val)} val images at {cfg.img_size}px; '
+                f'{rt.world_size} process(es) x batch {cfg.batch_size} on {rt.device}; '
+                f'lr {cfg.lr * self.lr_scale:.3g}; output {self.output}')
+            if self.epoch >= cfg.epochs:
+                _logger.info(f'nothing to do: {self.epoch} of {cfg.epochs} epochs are done')
+        while self.epoch < last_epoch:
+            start = time.perf_counter()
+            row: Dict[str, Any] = dict(epoch=self.epoch + 1, lr=self.optimizer.param_groups[0]['lr'])
+            row.update(self.train_one_epoch())
+            seconds = time.perf_counter() - start
+            self.epoch += 1
+            row.update(step=self.step, epoch_seconds=seconds,
+                       images_per_second=self.updates_per_epoch * cfg.batch_size * rt.world_size / seconds)
+            if self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs:
+                row.update({f'val_{k}': v for k, v in evaluate(self.model, self.val_loader, rt, cfg).items() if k != 'count'})
+                if self.ema is not None:
+                    row.update({f'ema_val_{k}': v for k, v in evaluate(self.ema.module, self.val_loader, rt, cfg).items()
+                                if k != 'count'})
+            self.history.append(row)
+            self._report(row)
+        if rt.distributed:
+            dist.barrier()
+        return self.history
+
+    def _report(self, row: Dict[str, Any]) -> None:
+        """Rank 0: log the epoch, save ``last`` (and ``best``), rewrite the metrics CSV and plot."""
+        if not self.rt.is_main:
+            return
+        improved = row.get('val_top1', -1.0) > self.best['top1']
+        if improved:
+            self.best = dict(top1=row['val_top1'], epoch=self.epoch)
+        self.save('last')
+        if improved:
+            save_weights(self.output / 'best.safetensors', self.model.state_dict(),
+                         dict(self.weights_info(), step=self.step, val_top1=row['val_top1']))
+        write_csv(self.output / 'metrics.csv', self.history)
+        try:
+            plot_curves(self.output / 'metrics.png', self.history, title=f'{self.cfg.model} ({self.cfg.dataset})')
+        except ImportError:
+            _logger.warning('matplotlib is not installed: no metrics.png (pip install matplotlib)')
+        parts = [f'epoch {self.epoch}/{self.cfg.epochs}', f'train_loss {row["train_loss"]:.4f}']
+        if 'val_loss' in row:
+            parts += [f'val_loss {row["val_loss"]:.4f}', f'top1 {row["val_top1"]:.2f}', f'top5 {row["val_top5"]:.2f}']
+        if 'ema_val_top1' in row:
+            parts.append(f'ema_top1 {row["ema_val_top1"]:.2f}')
+        parts += [f'lr {row["lr"]:.2e}', f'{row["epoch_seconds"]:.1f}s']
+        _logger.info('  '.join(parts))
+
+    def close(self) -> None:
+        if self.rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, resume=None, progress: bool = True) -> Trainer:
+    """Train with ``cfg`` (continuing from ``resume`` if given); returns the finished :class:`Trainer`."""
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
