@@ -181,3 +181,16 @@ def test_torchscript_matches_eager(small):
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
             torch.testing.assert_close(scripted(x), small(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fx_feature_extractor_any_size(small):
+    """torchvision's FX feature extraction traces once and serves other sizes (shape logic is wrapped)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    extractor = create_feature_extractor(small, {'layers.1': 'c3', 'head': 'logits'})
+    for size in [(64, 96), (40, 72)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            out = extractor(x)
+            maps = small.forward_intermediates(x, intermediates_only=True)
+            torch.testing.assert_close(out['c3'].permute(0, 3, 1, 2), maps[1])  # stage outputs are NHWC
+            torch.testing.assert_close(out['logits'], small(x))

@@ -8,7 +8,7 @@ from timm.layers import use_fused_attn
 
 from .pos_bias import DynamicPosBias
 
-__all__ = ['GroupAttention', 'dpb_hidden_dim']
+__all__ = ['GroupAttention', 'dpb_hidden_dim', 'group_attention']
 
 
 def dpb_hidden_dim(dim: int) -> int:
@@ -18,6 +18,41 @@ def dpb_hidden_dim(dim: int) -> int:
     checkpoints depend on it, so it is kept here, written once.
     """
     return dim // 16
+
+
+def group_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        fused: bool,
+        dropout_p: float = 0.,
+) -> torch.Tensor:
+    """Softmax attention of ``(B * groups, heads, N, head_dim)`` queries, keys and values.
+
+    ``bias`` is ``(heads, N, N)``, the same for every group; ``mask`` is ``(groups, 1, 1, N)``
+    additive (padded keys) or None. A pure function, so tracing (FX) records it as one call.
+    """
+    B_, heads, N, head_dim = q.shape
+    bias = bias.unsqueeze(0)  # 1, heads, N, N
+    if mask is not None:
+        bias = bias + mask  # groups, heads, N, N: one per group position, the same for every image
+    # On CPU, SDPA falls back to its slow math path when the mask needs a gradient (the DPB
+    # while training); the explicit path is faster there (measured in benchmarks/).
+    if fused and not (bias.requires_grad and q.device.type == 'cpu'):
+        if mask is not None:
+            # SDPA's fast CPU kernel takes a 4-D mask only, so expand it over the images
+            bias = bias.expand(B_ // mask.shape[0], -1, -1, -1, -1).reshape(B_, heads, N, N)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
+    attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        attn = attn.view(-1, mask.shape[0], heads, N, N)  # B, groups, heads, N, N
+    attn = F.dropout((attn + bias).softmax(dim=-1), dropout_p, training=dropout_p > 0.)
+    return attn.view(B_, heads, N, N) @ v
+
+
+torch.fx.wrap('group_attention')
 
 
 class GroupAttention(nn.Module):
@@ -44,7 +79,6 @@ class GroupAttention(nn.Module):
             raise ValueError(f'dim {dim} is too small: the position-bias MLP needs dim >= 16')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
         self.pos = DynamicPosBias(dpb_hidden_dim(dim), num_heads, residual=dpb_residual)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -56,22 +90,7 @@ class GroupAttention(nn.Module):
         B_, N, C = x.shape
         qkv = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # B_, heads, N, head_dim
-        bias = self.pos(group_size).unsqueeze(0)  # 1, heads, N, N
-        if mask is not None:
-            bias = bias + mask  # groups, heads, N, N: one per group position, the same for every image
-        # On CPU, SDPA falls back to its slow math path when the mask needs a gradient (the DPB
-        # while training); the explicit path is faster there (measured in benchmarks/).
-        if self.fused_attn and not (bias.requires_grad and q.device.type == 'cpu'):
-            if mask is not None:
-                # SDPA's fast CPU kernel takes a 4-D mask only, so expand it over the images
-                bias = bias.expand(B_ // mask.shape[0], -1, -1, -1, -1).reshape(B_, self.num_heads, N, N)
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if mask is not None:
-                attn = attn.view(-1, mask.shape[0], self.num_heads, N, N)  # B, groups, heads, N, N
-            attn = self.attn_drop((attn + bias).softmax(dim=-1))
-            x = attn.view(B_, self.num_heads, N, N) @ v
+        dropout_p = self.attn_drop.p if self.training else 0.
+        x = group_attention(q, k, v, self.pos(group_size), mask, self.fused_attn, dropout_p)
         x = x.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))

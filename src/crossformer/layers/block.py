@@ -13,6 +13,10 @@ from .grouping import group_layout, group_tokens, padding_mask, ungroup_tokens
 
 __all__ = ['CrossFormerBlock', 'Stage', 'has_cooling']
 
+# Shape logic with Python control flow: FX records these calls instead of tracing into them.
+torch.fx.wrap('group_layout')
+torch.fx.wrap('padding_mask')
+
 
 def has_cooling(block_index: int, depth: int) -> bool:
     """Where CrossFormer++ puts an activation cooling layer: after every third block but the last."""
