@@ -194,3 +194,12 @@ def test_fx_feature_extractor_any_size(small):
             maps = small.forward_intermediates(x, intermediates_only=True)
             torch.testing.assert_close(out['c3'].permute(0, 3, 1, 2), maps[1])  # stage outputs are NHWC
             torch.testing.assert_close(out['logits'], small(x))
+
+
+def test_bad_inputs_raise_clear_errors(small):
+    with pytest.raises(ValueError, match=r'shape \(B, 3, H, W\), got shape \[2, 1, 32, 32\]'):
+        small(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r'got shape \[3, 32, 32\]'):
+        small(torch.randn(3, 32, 32))
+    with pytest.raises(TypeError, match='floating-point image batch, got torch.uint8'):
+        small.forward_intermediates(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

@@ -27,6 +27,18 @@ __all__ = ['CrossFormer', 'checkpoint_filter_fn', 'PAPER_RESULTS']
 WEIGHTS_URL = 'https://github.com/cheerss/CrossFormer#model-zoo'
 
 
+def check_image(x: torch.Tensor, in_chans: int) -> None:
+    """Raise an error naming what is wrong with an input batch: ``(B, in_chans, H, W)`` floats."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError('expected an image batch of shape (B, ' + str(in_chans) + ', H, W), got shape '
+                         + str(list(x.shape)))
+    if not x.is_floating_point():
+        raise TypeError('expected a floating-point image batch, got ' + str(x.dtype))
+
+
+torch.fx.wrap('check_image')
+
+
 class CrossFormer(nn.Module):
     """CrossFormer / CrossFormer++ for image classification and dense features.
 
@@ -75,6 +87,7 @@ class CrossFormer(nn.Module):
             if len(value) != num_stages:
                 raise ValueError(f'{name} has {len(value)} entries but depths has {num_stages} stages')
         group_size, interval = stage_args['group_size'], stage_args['interval']
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.output_fmt = 'NCHW'
@@ -178,6 +191,7 @@ class CrossFormer(nn.Module):
         stages = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[:max_index + 1]
         last = len(self.layers) - 1
         intermediates = []
+        check_image(x, self.in_chans)
         x = self.patch_embed(x)
         for i, stage in enumerate(stages):
             x = stage(x)
@@ -205,6 +219,7 @@ class CrossFormer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` image -> ``(B, num_features, H/32, W/32)`` normed map (ceil division)."""
+        check_image(x, self.in_chans)
         x = self.layers(self.patch_embed(x))
         return self.norm(x).permute(0, 3, 1, 2)
 
