@@ -203,3 +203,23 @@ def test_bad_inputs_raise_clear_errors(small):
         small(torch.randn(3, 32, 32))
     with pytest.raises(TypeError, match='floating-point image batch, got torch.uint8'):
         small.forward_intermediates(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'explicit'])
+def test_half_precision_is_finite_at_padded_sizes(dtype, fused):
+    """68 px: stage 1 is 17 x 17, so LDA (G=4, I=4) pads to 32 and some groups hold only padding."""
+    from conftest import set_fused
+    model = CrossFormer(**dict(SMALL, drop_path_rate=0.))
+    set_fused(model, fused)
+    x = torch.randn(2, 3, 68, 68)
+    with torch.autocast('cpu', dtype=dtype):
+        y = model(x)
+    y.float().sum().backward()
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        reference = model.eval()(x)
+        cast = model.to(dtype)(x.to(dtype))
+    assert cast.dtype == dtype and torch.isfinite(cast).all()
+    torch.testing.assert_close(cast.float(), reference, atol=0.05, rtol=0.05)

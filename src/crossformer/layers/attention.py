@@ -38,13 +38,16 @@ def group_attention(
     bias = bias.unsqueeze(0)  # 1, heads, N, N
     if mask is not None:
         bias = bias + mask  # groups, heads, N, N: one per group position, the same for every image
+        if q.dtype == torch.float16:
+            bias = bias.clamp_min(-3e4)  # -1e6 would become -inf: NaN in a group of padding only
+    bias = bias.to(q.dtype)
     # On CPU, SDPA falls back to its slow math path when the mask needs a gradient (the DPB
     # while training); the explicit path is faster there (measured in benchmarks/).
     if fused and not (bias.requires_grad and q.device.type == 'cpu'):
         if mask is not None:
             # SDPA's fast CPU kernel takes a 4-D mask only, so expand it over the images
             bias = bias.expand(B_ // mask.shape[0], -1, -1, -1, -1).reshape(B_, heads, N, N)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
         attn = attn.view(-1, mask.shape[0], heads, N, N)  # B, groups, heads, N, N
