@@ -31,7 +31,8 @@ def group_layout(height: int, width: int, group_size: int, interval: int) -> Tup
     if min(height, width) <= group_size:
         group_size, interval = max(height, width), 1
     span = group_size * interval
-    return group_size, interval, -(-height // span) * span, -(-width // span) * span
+    # (n + span - 1) // span, not -(-n // span): traced exporters truncate negative division
+    return group_size, interval, (height + span - 1) // span * span, (width + span - 1) // span * span
 
 
 def group_tokens(x: torch.Tensor, group_size: int, interval: int) -> torch.Tensor:
@@ -78,6 +79,6 @@ def _cached_padding_mask(height: int, width: int, group_size: int, interval: int
 def padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
                  device: torch.device) -> Optional[torch.Tensor]:
     """:func:`build_padding_mask`, cached per shape and device; treat the result as read-only."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return build_padding_mask(height, width, group_size, interval, padded_h, padded_w, device)
     return _cached_padding_mask(height, width, group_size, interval, padded_h, padded_w, device)

@@ -79,7 +79,8 @@ class DynamicPosBias(nn.Module):
         The cache key holds the parameters' device, dtype and version counters, so an
         optimizer step or ``load_state_dict`` invalidates it; training recomputes every call.
         """
-        if not self.cache_bias or torch.is_grad_enabled() or torch.jit.is_scripting() or torch.jit.is_tracing():
+        if (not self.cache_bias or torch.is_grad_enabled() or torch.jit.is_scripting() or torch.jit.is_tracing()
+                or torch.compiler.is_compiling()):
             return self.bias(group_size)
         return self._cached_bias(group_size)
 
