@@ -1,0 +1,222 @@
+"""Train a Faster R-CNN with a CrossFormer-T backbone to find circles, squares and triangles.
+
+A CPU-sized demonstration of :mod:`crossformer.detection`. The images are generated on the fly:
+128x128, 1-4 non-overlapping shapes of 8-80 px in random colours on a noisy background. The
+backbone starts from random weights (no checkpoint is downloaded), so the detector learns
+everything here: the loss falls within a few minutes, finding most shapes takes longer
+(see the numbers below). At the end it reports mAP and recall at IoU 0.5 on held-out images
+and draws the predictions of a few of them into a PNG.
+
+    python examples/detect_shapes.py                  # ~3 minutes of training
+    python examples/detect_shapes.py --minutes 10     # longer, better
+    python examples/detect_shapes.py --steps 50       # a quick check
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import box_iou
+from torchvision.utils import draw_bounding_boxes, make_grid, save_image
+from tqdm import tqdm
+
+from crossformer.detection import fasterrcnn_crossformer
+
+CLASSES = ['background', 'circle', 'square', 'triangle']
+COLOURS = [None, 'red', 'yellow', 'cyan']
+Target = Dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------- data
+
+def shape_mask(kind: int, cx: float, cy: float, size: float, yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+    """``(H, W)`` bool mask of a circle (1), square (2) or upward triangle (3) of side ``size`` centred at (cx, cy)."""
+    r = size / 2
+    dx, dy = xx - cx, yy - cy
+    if kind == 1:
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if kind == 2:
+        return (dx.abs() <= r) & (dy.abs() <= r)
+    # triangle: apex at the top, base at the bottom, half-width growing linearly downwards
+    return (dy >= -r) & (dy <= r) & (dx.abs() <= (dy + r) / 2)
+
+
+def make_image(gen: torch.Generator, size: int = 128, min_side: int = 8, max_side: int = 80,
+               max_shapes: int = 4) -> Tuple[torch.Tensor, Target]:
+    """One ``(3, size, size)`` image in [0, 1] and its target: ``boxes`` ``(N, 4)`` x1y1x2y2, ``labels`` ``(N,)``."""
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen)
+
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing='ij')
+    background = rand(3, 1, 1)
+    image = (background + 0.08 * torch.randn(3, size, size, generator=gen)).clamp(0, 1)
+    boxes, labels, taken = [], [], torch.zeros(size, size, dtype=torch.bool)
+    for _ in range(int(rand(1) * max_shapes) + 1):
+        for _attempt in range(10):  # find a place free of earlier shapes, so every box is fully visible
+            side = math.exp(math.log(min_side) + rand(1).item() * math.log(max_side / min_side))  # log-uniform
+            cx, cy = (side / 2 + rand(2) * (size - side)).tolist()
+            kind = int(rand(1) * 3) + 1
+            mask = shape_mask(kind, cx, cy, side, yy, xx)
+            if mask.any() and not (mask & taken).any():
+                break
+        else:
+            continue
+        colour = rand(3, 1, 1)
+        while (colour - background).abs().max() < 0.35:  # keep the shape visible
+            colour = rand(3, 1, 1)
+        image = torch.where(mask, colour, image)
+        taken |= mask
+        ys, xs = mask.nonzero(as_tuple=True)
+        boxes.append([xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1])
+        labels.append(kind)
+    return image, dict(boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                       labels=torch.tensor(labels, dtype=torch.int64))
+
+
+def make_batch(gen: torch.Generator, n: int) -> Tuple[List[torch.Tensor], List[Target]]:
+    images, targets = zip(*(make_image(gen) for _ in range(n)))
+    return list(images), list(targets)
+
+
+# ---------------------------------------------------------------- metric
+
+def average_precision(detections: List[Target], targets: List[Target], num_classes: int,
+                      iou_threshold: float = 0.5) -> Tuple[float, float]:
+    """mAP (all-point interpolated, as PASCAL VOC 2010+) and recall over classes 1..num_classes-1.
+
+    A detection is a true positive when its IoU with a not yet matched ground-truth box of its
+    class is at least ``iou_threshold``; detections are matched in decreasing score order.
+    """
+    aps, recalls = [], []
+    for c in range(1, num_classes):
+        scores, hits, num_gt = [], [], 0
+        for det, tgt in zip(detections, targets):
+            gt = tgt['boxes'][tgt['labels'] == c]
+            keep = det['labels'] == c
+            boxes, sc = det['boxes'][keep], det['scores'][keep]
+            order = sc.argsort(descending=True)
+            boxes, sc = boxes[order], sc[order]
+            num_gt += len(gt)
+            matched = torch.zeros(len(gt), dtype=torch.bool)
+            iou = box_iou(boxes, gt) if len(gt) else torch.zeros(len(boxes), 0)
+            for i in range(len(boxes)):
+                candidates = iou[i].masked_fill(matched, -1)
+                j = int(candidates.argmax()) if len(gt) else -1
+                hit = j >= 0 and candidates[j] >= iou_threshold
+                if hit:
+                    matched[j] = True
+                hits.append(hit)
+            scores.append(sc)
+        if num_gt == 0:
+            continue
+        order = torch.cat(scores).argsort(descending=True)
+        tp = torch.tensor(hits, dtype=torch.float32)[order].cumsum(0)
+        precision = tp / torch.arange(1, len(tp) + 1)
+        recall = tp / num_gt
+        # precision envelope, integrated over recall
+        precision = torch.cat([precision, torch.zeros(1)]).flip(0).cummax(0).values.flip(0)
+        recall = torch.cat([torch.zeros(1), recall])
+        aps.append(float(((recall[1:] - recall[:-1]) * precision[:-1]).sum()))
+        recalls.append(float(recall[-1]))
+    return sum(aps) / len(aps), sum(recalls) / len(recalls)
+
+
+# ---------------------------------------------------------------- main
+
+def build_model() -> torch.nn.Module:
+    """Faster R-CNN, CrossFormer-T backbone, anchors of 8-128 px to fit 8-80 px shapes in 128 px images."""
+    anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    return fasterrcnn_crossformer(
+        'crossformer_t', num_classes=len(CLASSES),
+        backbone_kwargs=dict(drop_path_rate=0.0),  # short training: no stochastic depth
+        min_size=128, max_size=128, rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
+        box_batch_size_per_image=64, box_detections_per_img=20)
+
+
+def draw(images: List[torch.Tensor], detections: List[Target], targets: List[Target], path: Path,
+         score_threshold: float, scale: int = 3) -> None:
+    """Save the images (upscaled ``scale`` times) with the ground truth (thin white boxes) and the
+    detections above ``score_threshold`` (coloured by class, labelled with class and score)."""
+    tiles = []
+    for image, det, target in zip(images, detections, targets):
+        keep = det['scores'] >= score_threshold
+        big = F.interpolate(image[None], scale_factor=scale, mode='nearest')[0]
+        labels = [f'{CLASSES[l]} {s:.2f}' for l, s in zip(det['labels'][keep].tolist(), det['scores'][keep].tolist())]
+        tile = draw_bounding_boxes((big * 255).to(torch.uint8), target['boxes'] * scale, colors='white', width=1)
+        if keep.any():
+            tile = draw_bounding_boxes(tile, det['boxes'][keep] * scale, labels=labels,
+                                       colors=[COLOURS[l] for l in det['labels'][keep].tolist()], width=2)
+        tiles.append(tile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(tiles, nrow=4, padding=4).float() / 255, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--minutes', type=float, default=3.0, help='training time budget (default 3)')
+    parser.add_argument('--steps', type=int, default=None, help='stop after this many steps (default: time only)')
+    parser.add_argument('--batch-size', type=int, default=4)
+    parser.add_argument('--lr', type=float, default=3e-4)
+    parser.add_argument('--eval-images', type=int, default=64)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', type=Path, default=Path('outputs/detect_shapes.png'))
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    train_gen = torch.Generator().manual_seed(args.seed)
+    eval_gen = torch.Generator().manual_seed(args.seed + 10_000)  # held-out images
+    model = build_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
+    warmup = 20
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+    budget = args.minutes * 60
+    by_steps = args.steps is not None
+    bar = tqdm(total=args.steps if by_steps else round(budget), desc='training', dynamic_ncols=True,
+               bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} ' + ('steps' if by_steps else 's') + ' [{elapsed}{postfix}]')
+    model.train()
+    start = time.perf_counter()
+    losses: List[float] = []
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget or (by_steps and len(losses) >= args.steps):
+            break
+        images, targets = make_batch(train_gen, args.batch_size)
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if len(losses) == 1:
+            tqdm.write(f'loss at step 1: {losses[0]:.3f}')
+        smoothed = sum(losses[-10:]) / len(losses[-10:])
+        bar.set_postfix(step=len(losses), loss=f'{smoothed:.3f}')
+        bar.update(1 if by_steps else min(round(time.perf_counter() - start), bar.total) - bar.n)
+    bar.close()
+    train_time = time.perf_counter() - start
+    n = min(10, len(losses))
+    print(f'trained {len(losses)} steps of {args.batch_size} images in {train_time:.0f} s; '
+          f'loss (mean of {n} steps) start {sum(losses[:n]) / n:.3f} -> end {sum(losses[-n:]) / n:.3f}')
+
+    model.eval()
+    images, targets = make_batch(eval_gen, args.eval_images)
+    with torch.no_grad():
+        detections = [d for i in range(0, len(images), 16) for d in model(images[i:i + 16])]
+    mean_ap, recall = average_precision(detections, targets, len(CLASSES))
+    num_objects = sum(len(t['boxes']) for t in targets)
+    print(f'held-out: {len(images)} images, {num_objects} shapes: mAP@0.5 {mean_ap:.3f}, recall@0.5 {recall:.3f}')
+    draw(images[:8], detections[:8], targets[:8], args.out, score_threshold=0.5)
+    print(f'predictions (score >= 0.5; ground truth in white) drawn on 8 held-out images: {args.out}')
+
+
+if __name__ == '__main__':
+    main()
