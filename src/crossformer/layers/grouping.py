@@ -8,6 +8,10 @@ region of ``(G*I) x (G*I)`` tokens holds ``I x I`` interleaved groups. SDA is LD
 
 where group ``(ih, iw)`` of region ``(rh, rw)`` holds the tokens at
 ``(rh*G*I + gh*I + ih, rw*G*I + gw*I + iw)``, ordered row-major by ``(gh, gw)``.
+
+Under ``torch.jit.trace`` (and so the TorchScript-based ONNX exporter) sizes are 0-dim tensors:
+:func:`group_layout` then computes with tensor ops instead of Python branches, and the padding
+mask is always built, so a traced or exported graph follows the input size.
 """
 from functools import lru_cache
 from typing import Optional, Tuple
@@ -28,11 +32,26 @@ def group_layout(height: int, width: int, group_size: int, interval: int) -> Tup
     side is the long side (the short side is padded and masked), as the reference does.
     Returns ``(G, I, Hp, Wp)`` with ``Hp`` and ``Wp`` multiples of ``G * I``.
     """
+    if not torch.jit.is_scripting() and isinstance(height, torch.Tensor):  # traced
+        return _traced_group_layout(height, width, group_size, interval)
     if min(height, width) <= group_size:
         group_size, interval = max(height, width), 1
     span = group_size * interval
     # (n + span - 1) // span, not -(-n // span): traced exporters truncate negative division
     return group_size, interval, (height + span - 1) // span * span, (width + span - 1) // span * span
+
+
+@torch.jit.unused
+def _traced_group_layout(height: int, width: int, group_size: int, interval: int) -> Tuple[int, int, int, int]:
+    """:func:`group_layout` in tensor ops on traced 0-dim sizes: the branch becomes data.
+
+    Returns 0-dim tensors (annotated as ints for TorchScript, which never calls it).
+    """
+    whole = torch.minimum(height, width) <= group_size
+    G = torch.where(whole, torch.maximum(height, width), group_size)
+    I = torch.where(whole, 1, interval)
+    span = G * I
+    return G, I, (height + span - 1) // span * span, (width + span - 1) // span * span
 
 
 def group_tokens(x: torch.Tensor, group_size: int, interval: int) -> torch.Tensor:
@@ -57,12 +76,14 @@ def build_padding_mask(height: int, width: int, group_size: int, interval: int, 
                        device: torch.device, mask_value: float = MASK_VALUE) -> Optional[torch.Tensor]:
     """Additive mask for padded keys, ``(num_groups, 1, 1, G*G)`` float, or None without padding.
 
-    Queries are not masked: padded queries are cropped away after attention.
+    Queries are not masked: padded queries are cropped away after attention. When traced, the
+    mask is always built (zeros where nothing is padded), from the traced sizes.
     """
-    if height == padded_h and width == padded_w:
+    if not torch.jit.is_tracing() and height == padded_h and width == padded_w:
         return None
-    pad = torch.ones(1, padded_h, padded_w, 1, device=device)
-    pad[:, :height, :width] = 0
+    rows = torch.arange(padded_h, device=device) >= height  # Hp
+    cols = torch.arange(padded_w, device=device) >= width  # Wp
+    pad = (rows[:, None] | cols[None, :]).float()[None, :, :, None]  # 1, Hp, Wp, 1
     pad = group_tokens(pad, group_size, interval).squeeze(-1)  # groups, G*G
     return (pad * mask_value)[:, None, None, :]  # groups, 1, 1, G*G
 

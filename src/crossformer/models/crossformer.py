@@ -39,6 +39,48 @@ def check_image(x: torch.Tensor, in_chans: int) -> None:
 torch.fx.wrap('check_image')
 
 
+def _stage_settings(embed_dim, depths, num_heads, group_size, interval) -> Tuple[List[int], ...]:
+    """Per-stage widths, group sizes and intervals, checked; errors name the argument at fault."""
+    num_stages = len(depths)
+    if num_stages < 1:
+        raise ValueError('depths must have one entry per stage, got none')
+    if isinstance(embed_dim, (list, tuple)):
+        dims = list(embed_dim)
+    else:
+        dims = [embed_dim * 2 ** i for i in range(num_stages)]  # doubled at each stage
+    per_stage = dict(embed_dim=dims, depths=depths, num_heads=num_heads,
+                     group_size=to_ntuple(num_stages)(group_size), interval=to_ntuple(num_stages)(interval))
+    for name, value in per_stage.items():
+        if len(value) != num_stages:
+            raise ValueError(f'{name} has {len(value)} entries but depths has {num_stages} stages')
+        if not all(isinstance(v, int) for v in value):
+            raise TypeError(f'{name} must be integers, got {tuple(value)}')
+    group_size, interval = per_stage['group_size'], per_stage['interval']
+    if min(group_size) < 1 or min(interval) < 1:
+        raise ValueError(f'group_size and interval must be >= 1, got {tuple(group_size)} and {tuple(interval)}')
+    for name in ('depths', 'num_heads'):
+        if min(per_stage[name]) < 1:
+            raise ValueError(f'{name} must be integers >= 1, got {tuple(per_stage[name])}')
+    return dims, list(group_size), list(interval)
+
+
+def _check_settings(stem_kernel_sizes, merge_kernel_sizes, in_chans, stem_stride, num_classes, mlp_ratio,
+                    rates: Dict[str, float]) -> None:
+    """The model-wide arguments; widths and heads are checked by the layers that use them."""
+    for name, kernels in (('stem_kernel_sizes', stem_kernel_sizes), ('merge_kernel_sizes', merge_kernel_sizes)):
+        if len(kernels) == 0:
+            raise ValueError(f'{name} needs at least one kernel size')
+    if in_chans < 1 or stem_stride < 1:
+        raise ValueError(f'in_chans and stem_stride must be >= 1, got {in_chans} and {stem_stride}')
+    if num_classes < 0:
+        raise ValueError(f'num_classes must be >= 0 (0: no classifier), got {num_classes}')
+    if mlp_ratio <= 0:
+        raise ValueError(f'mlp_ratio must be > 0, got {mlp_ratio}')
+    for name, rate in rates.items():
+        if not 0. <= rate <= 1.:
+            raise ValueError(f'{name} must be in [0, 1], got {rate}')
+
+
 class CrossFormer(nn.Module):
     """CrossFormer / CrossFormer++ for image classification and dense features.
 
@@ -79,14 +121,11 @@ class CrossFormer(nn.Module):
             use_acl: add the CrossFormer++ activation cooling layers.
         """
         super().__init__()
+        dims, group_size, interval = _stage_settings(embed_dim, depths, num_heads, group_size, interval)
+        _check_settings(stem_kernel_sizes, merge_kernel_sizes, in_chans, stem_stride, num_classes, mlp_ratio,
+                        dict(drop_rate=drop_rate, proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
+                             drop_path_rate=drop_path_rate))
         num_stages = len(depths)
-        dims = [embed_dim * 2 ** i for i in range(num_stages)] if isinstance(embed_dim, int) else list(embed_dim)
-        stage_args = dict(dims=dims, num_heads=num_heads, group_size=to_ntuple(num_stages)(group_size),
-                          interval=to_ntuple(num_stages)(interval))
-        for name, value in stage_args.items():
-            if len(value) != num_stages:
-                raise ValueError(f'{name} has {len(value)} entries but depths has {num_stages} stages')
-        group_size, interval = stage_args['group_size'], stage_args['interval']
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
