@@ -7,7 +7,8 @@
 Every timing is the median over ``--rounds`` interleaved rounds (each contender once per
 round, in turn), so slow drift of the machine hits all of them alike. Baselines:
 
-- ``explicit``: this library with explicit matmul-softmax-matmul attention and no bias cache;
+- ``explicit``: this library's plain path: explicit matmul-softmax-matmul attention, no bias
+  cache, no MLP fast paths (:class:`crossformer.layers.LeanMlp`);
 - ``swin_tiny``: timm's ``swin_tiny_patch4_window7_224`` (fused attention), same input.
 """
 import argparse
@@ -28,12 +29,11 @@ SWIN = 'swin_tiny_patch4_window7_224'
 
 
 def explicit(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch a CrossFormer to explicit attention without the position-bias cache."""
+    """Switch a CrossFormer to its plain path: explicit attention, no bias cache, no MLP fast paths."""
     for m in model.modules():
-        if hasattr(m, 'fused_attn'):
-            m.fused_attn = False
-        if hasattr(m, 'cache_bias'):
-            m.cache_bias = False
+        for switch in ('fused_attn', 'cache_bias', 'fast_paths'):
+            if hasattr(m, switch):
+                setattr(m, switch, False)
     return model
 
 

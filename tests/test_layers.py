@@ -5,7 +5,8 @@ from einops import rearrange
 
 from crossformer.layers import (
     MASK_VALUE, CrossEmbedLayer, CrossFormerBlock, DynamicPosBias, GroupAttention, Stage, group_layout, group_tokens,
-    has_cooling, padding_mask, relative_offsets, relative_position_index, split_dims, ungroup_tokens)
+    LeanMlp, has_cooling, padding_mask, relative_offsets, relative_position_index, space_to_depth_conv, split_dims,
+    ungroup_tokens)
 
 from conftest import set_fused
 
@@ -178,3 +179,78 @@ def test_dpb_cache_is_used_without_grad_and_never_stale():
     with torch.no_grad():
         torch.testing.assert_close(dpb(5), dpb.bias(5))
         assert not torch.allclose(dpb(5), updated)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_lean_mlp_same_gradients_without_keeping_the_gelu_output():
+    mlp = LeanMlp(16, 64).train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    results = {}
+    for lean in (True, False):
+        mlp.fast_paths = lean
+        saved = _saved_bytes(lambda: mlp(x).square().sum().backward())
+        results[lean] = saved, [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+        x.grad = None
+        mlp.zero_grad()
+    assert results[False][0] - results[True][0] == 2 * 5 * 64 * 4  # the GELU output, fp32
+    for lean_grad, plain_grad in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(lean_grad, plain_grad, atol=1e-6, rtol=1e-6)
+
+
+def test_lean_mlp_under_autocast_gives_grads_in_parameter_dtype():
+    mlp = LeanMlp(16, 64).train()
+    x = torch.randn(3, 16, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = mlp(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in mlp.parameters())
+    assert torch.isfinite(x.grad).all()
+
+
+def test_chunked_mlp_inference_matches_plain():
+    mlp = LeanMlp(16, 64, chunk_tokens=7).eval()
+    x = torch.randn(2, 9, 5, 16)  # 90 tokens: 13 chunks, the last one short
+    with torch.no_grad():
+        chunked = mlp(x)
+        mlp.fast_paths = False
+        plain = mlp(x)
+    assert chunked.shape == (2, 9, 5, 16)
+    torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('kernel, stride, size', [(32, 4, (37, 50)), (16, 4, (64, 64)), (4, 2, (9, 6)), (2, 2, (5, 7))])
+def test_space_to_depth_conv_matches_the_strided_conv(kernel, stride, size):
+    conv = torch.nn.Conv2d(3, 5, kernel, stride, padding=(kernel - stride) // 2)
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    grad = torch.randn_like(conv(x))
+    expected = torch.autograd.grad((conv(x) * grad).sum(), [x, conv.weight, conv.bias])
+    out = space_to_depth_conv(x, conv)
+    torch.testing.assert_close(out, conv(x), atol=1e-5, rtol=1e-5)
+    for got, want in zip(torch.autograd.grad((out * grad).sum(), [x, conv.weight, conv.bias]), expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_stem_trains_through_space_to_depth_with_the_same_gradients():
+    stem = CrossEmbedLayer(3, 32, (4, 8, 16, 32), stride=4).train()
+    x = torch.randn(2, 3, 45, 38)
+    grads = {}
+    for fast in (True, False):
+        stem.fast_paths = fast
+        stem(x).square().sum().backward()
+        grads[fast] = [p.grad.clone() for p in stem.parameters()]
+        stem.zero_grad()
+    for fast_grad, plain_grad in zip(grads[True], grads[False]):
+        torch.testing.assert_close(fast_grad, plain_grad, atol=1e-4, rtol=1e-4)

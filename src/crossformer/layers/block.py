@@ -4,12 +4,13 @@ from typing import Optional, Sequence, Type, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from timm.models._manipulate import checkpoint_seq
 
 from .attention import GroupAttention
 from .cross_embed import CrossEmbedLayer
 from .grouping import group_layout, group_tokens, padding_mask, ungroup_tokens
+from .mlp import LeanMlp
 
 __all__ = ['CrossFormerBlock', 'Stage', 'has_cooling']
 
@@ -57,7 +58,7 @@ class CrossFormerBlock(nn.Module):
         self.attn = GroupAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.mlp = LeanMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         # activation cooling layer; names as in the reference checkpoints
         self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if cooling else None
@@ -66,10 +67,12 @@ class CrossFormerBlock(nn.Module):
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         G, I, Hp, Wp = group_layout(H, W, self.group_size, self.interval)
-        x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         mask = padding_mask(H, W, G, I, Hp, Wp, x.device)
+        if mask is not None:
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         x = self.attn(group_tokens(x, G, I), G, mask)  # B * groups, G*G, C
-        return ungroup_tokens(x, G, I, Hp, Wp)[:, :H, :W]
+        x = ungroup_tokens(x, G, I, Hp, Wp)
+        return x[:, :H, :W] if mask is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self._attend(self.norm1(x)))

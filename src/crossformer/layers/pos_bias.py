@@ -4,6 +4,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .capture import capturing
+
 __all__ = ['DynamicPosBias', 'relative_offsets', 'relative_position_index']
 
 
@@ -79,8 +81,7 @@ class DynamicPosBias(nn.Module):
         The cache key holds the parameters' device, dtype and version counters, so an
         optimizer step or ``load_state_dict`` invalidates it; training recomputes every call.
         """
-        if (not self.cache_bias or torch.is_grad_enabled() or torch.jit.is_scripting() or torch.jit.is_tracing()
-                or torch.compiler.is_compiling()):
+        if not self.cache_bias or torch.is_grad_enabled() or capturing():
             return self.bias(group_size)
         return self._cached_bias(group_size)
 
