@@ -1,4 +1,4 @@
-"""The block's MLP, lean on activation memory while training and chunked over tokens at inference."""
+"""The block's MLP, lean on activation memory while training."""
 from typing import Optional
 
 import torch
@@ -44,45 +44,25 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 class LeanMlp(Mlp):
-    """timm's :class:`~timm.layers.Mlp` (same parameters and names), ``(..., C) -> (..., C)``, with two fast paths.
+    """timm's :class:`~timm.layers.Mlp` (same parameters and names), ``(..., C) -> (..., C)``.
 
-    - Training with GELU and no hidden dropout: the GELU output is recomputed in backward
-      instead of kept (:func:`gelu_linear`), saving ``4C`` floats per token.
-    - No gradient: tokens go through in chunks of ``chunk_tokens`` when the input width is at
-      most ``chunk_max_dim``, so the wide hidden layer stays in cache. The narrow early stages
-      are memory-bound there; wider layers are compute-bound and gain nothing.
+    While training with GELU and no hidden dropout, the GELU output is recomputed in backward
+    instead of kept (:func:`gelu_linear`): ``4C`` fewer floats saved per token, the largest
+    tensor a block keeps. ``fast_paths = False`` gives the plain computation.
     """
 
-    def __init__(self, *args, chunk_tokens: int = 512, chunk_max_dim: int = 128, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.lean = (isinstance(self.act, nn.GELU) and self.act.approximate == 'none'
                      and isinstance(self.norm, nn.Identity))
-        self.chunk_tokens = chunk_tokens
-        self.chunk_max_dim = chunk_max_dim
         self.fast_paths = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fast_paths or capturing():
-            return self._plain(x)
-        if torch.is_grad_enabled():
-            if self.lean and self.training and self.drop1.p == 0.:
-                return self.drop2(self._lean(x))
-            return self._plain(x)
-        if x.shape[-1] <= self.chunk_max_dim and x.numel() > 2 * self.chunk_tokens * x.shape[-1]:
-            return self._chunked(x)
-        return self._plain(x)
-
-    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.fast_paths and self.lean and self.training and self.drop1.p == 0. and torch.is_grad_enabled()
+                and not capturing()):
+            return self.drop2(self._lean(x))
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
     @torch.jit.unused
     def _lean(self, x: torch.Tensor) -> torch.Tensor:
         return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
-
-    @torch.jit.unused
-    def _chunked(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = flat.new_empty(flat.shape[0], self.fc2.out_features)
-        for start in range(0, flat.shape[0], self.chunk_tokens):
-            out[start:start + self.chunk_tokens] = self._plain(flat[start:start + self.chunk_tokens])
-        return out.view(*x.shape[:-1], -1)
