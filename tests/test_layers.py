@@ -255,3 +255,14 @@ def test_stem_trains_through_space_to_depth_with_the_same_gradients():
         stem.zero_grad()
     for fast_grad, plain_grad in zip(grads[True], grads[False]):
         torch.testing.assert_close(fast_grad, plain_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_mlp_steps_aside_under_autocast():
+    block = CrossFormerBlock(16, 2, group_size=3).eval()
+    block.chunk_tokens = 7
+    x = torch.randn(1, 9, 5, 16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        fast = block(x)
+        block.fast_paths = False
+        plain = block(x)
+    assert torch.equal(fast, plain)

@@ -82,7 +82,7 @@ class CrossFormerBlock(nn.Module):
     def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         """``x + MLP(norm2(x))``; at inference on narrow maps, chunk by chunk of tokens."""
         if (self.fast_paths and not self.training and not torch.is_grad_enabled() and not capturing()
-                and x.shape[-1] <= self.chunk_max_dim):
+                and x.shape[-1] <= self.chunk_max_dim and not torch.is_autocast_enabled(x.device.type)):
             return self._chunked_mlp_residual(x)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
