@@ -81,10 +81,14 @@ class CrossFormerBlock(nn.Module):
 
     def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         """``x + MLP(norm2(x))``; at inference on narrow maps, chunk by chunk of tokens."""
-        if (self.fast_paths and not self.training and not torch.is_grad_enabled() and not capturing()
-                and x.shape[-1] <= self.chunk_max_dim and not torch.is_autocast_enabled(x.device.type)):
+        if not torch.jit.is_scripting() and self._chunks_apply(x):
             return self._chunked_mlp_residual(x)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    @torch.jit.unused
+    def _chunks_apply(self, x: torch.Tensor) -> bool:
+        return (self.fast_paths and not self.training and not torch.is_grad_enabled() and not capturing()
+                and x.shape[-1] <= self.chunk_max_dim and not torch.is_autocast_enabled(x.device.type))
 
     @torch.jit.unused
     def _chunked_mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
