@@ -88,7 +88,8 @@ class CrossFormerBlock(nn.Module):
     @torch.jit.unused
     def _chunks_apply(self, x: torch.Tensor) -> bool:
         return (self.fast_paths and not self.training and not torch.is_grad_enabled() and not capturing()
-                and x.shape[-1] <= self.chunk_max_dim and not torch.is_autocast_enabled(x.device.type))
+                and x.shape[-1] <= self.chunk_max_dim and torch.amp.is_autocast_available(x.device.type)
+                and not torch.is_autocast_enabled(x.device.type))
 
     @torch.jit.unused
     def _chunked_mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
