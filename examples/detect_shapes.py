@@ -1,34 +1,53 @@
-"""Train a Faster R-CNN with a CrossFormer-T backbone to find circles, squares and triangles.
+"""Train an FCOS detector with a CrossFormer-T backbone to find circles, squares and triangles.
 
 A CPU-sized demonstration of :mod:`crossformer.detection`. The images are generated on the fly:
-128x128, 1-4 non-overlapping shapes of 8-80 px in random colours on a noisy background. The
-backbone starts from random weights (no checkpoint is downloaded), so the detector learns
-everything here: the loss falls within a few minutes, finding most shapes takes longer
-(see the numbers below). At the end it reports mAP and recall at IoU 0.5 on held-out images
-and draws the predictions of a few of them into a PNG.
+64x64, 1-4 non-overlapping shapes of 6-40 px (log-uniform, so several scales) in random colours
+on a noisy plain background. The backbone starts from random weights (no checkpoint is
+downloaded), so the detector learns everything here. At the end it reports mAP and recall at
+IoU 0.5 on held-out images and draws the predictions of a few of them into a PNG. The run is
+deterministic given ``--seed`` and the number of threads (``OMP_NUM_THREADS``, else the usable cores).
 
-    python examples/detect_shapes.py                  # ~3 minutes of training
-    python examples/detect_shapes.py --minutes 10     # longer, better
-    python examples/detect_shapes.py --steps 50       # a quick check
+Why FCOS and these sizes: a Faster R-CNN on 128 px images (150 steps of 4, 1.8 s a step on one
+core) reached only mAP@0.5 0.040, recall 0.204: its region proposals, learnt from scratch, still
+missed most shapes. The anchor-free, single-stage FCOS head learns much faster from scratch, and
+at 64 px with CrossFormer-T stages 0-2 (strides 4-16; stage 3 is pruned) and a fused AdamW
+(the unfused update took ~40% of a step) a step of 8 images takes ~0.3 s on one core, so several hundred
+steps fit in a few minutes. Learning rate, 150-step runs: 5e-4 gave mAP 0.135 / recall 0.685,
+1e-3 0.078 / 0.414, 2e-3 0.040 / 0.330.
+
+Measured on a 2-core CPU, pinned to one core
+(``taskset -c 1 env OMP_NUM_THREADS=1 python examples/detect_shapes.py``): 600 steps of 8
+images in 182 s (3 min 8 s in all), loss (mean of 10 steps) 2.652 -> 1.174; on 32 held-out
+images with 70 shapes, mAP@0.5 0.569 and recall@0.5 0.960. Most misses are large shapes given
+the wrong class or a loose box; small ones are found well.
+
+    python examples/detect_shapes.py                  # 600 steps: ~3 minutes on one core
+    python examples/detect_shapes.py --steps 2000     # longer training
+    python examples/detect_shapes.py --steps 20       # a quick check
 """
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, nms
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 from tqdm import tqdm
 
-from crossformer.detection import fasterrcnn_crossformer
+from crossformer.detection import crossformer_fpn_backbone
 
 CLASSES = ['background', 'circle', 'square', 'triangle']
 COLOURS = [None, 'red', 'yellow', 'cyan']
 Target = Dict[str, torch.Tensor]
+SIZE = 64  # image side, pixels
+STEPS, BATCH, LR = 600, 8, 5e-4  # the default run
 
 
 # ---------------------------------------------------------------- data
@@ -45,7 +64,7 @@ def shape_mask(kind: int, cx: float, cy: float, size: float, yy: torch.Tensor, x
     return (dy >= -r) & (dy <= r) & (dx.abs() <= (dy + r) / 2)
 
 
-def make_image(gen: torch.Generator, size: int = 128, min_side: int = 8, max_side: int = 80,
+def make_image(gen: torch.Generator, size: int = SIZE, min_side: int = 6, max_side: int = 40,
                max_shapes: int = 4) -> Tuple[torch.Tensor, Target]:
     """One ``(3, size, size)`` image in [0, 1] and its target: ``boxes`` ``(N, 4)`` x1y1x2y2, ``labels`` ``(N,)``."""
     def rand(*shape):
@@ -127,27 +146,37 @@ def average_precision(detections: List[Target], targets: List[Target], num_class
 
 # ---------------------------------------------------------------- main
 
-def build_model(pretrained_backbone: Optional[Path] = None) -> torch.nn.Module:
-    """Faster R-CNN, CrossFormer-T backbone, anchors of 8-128 px to fit 8-80 px shapes in 128 px images."""
-    anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-    return fasterrcnn_crossformer(
-        'crossformer_t', num_classes=len(CLASSES),
-        pretrained_backbone_file=pretrained_backbone,
+def build_model(pretrained_backbone: Optional[Path] = None, channels: int = 64) -> torch.nn.Module:
+    """FCOS on CrossFormer-T stages 0-2 (strides 4, 8, 16), sized for 6-40 px shapes in 64 px images."""
+    backbone = crossformer_fpn_backbone(
+        'crossformer_t', returned_stages=(0, 1, 2), extra_blocks=None,  # stage 3 (stride 32) is not needed here
+        out_channels=channels, norm_layer=lambda c: nn.GroupNorm(16, c),  # narrow, normalised FPN: fast on CPU
         norm_outputs=True,  # normalised stage outputs: a little faster to learn from scratch
-        backbone_kwargs=dict(drop_path_rate=0.0),  # short training: no stochastic depth
-        min_size=128, max_size=128, rpn_anchor_generator=anchors,
-        rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
-        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
-        box_batch_size_per_image=64, box_detections_per_img=20)
+        pretrained_file=pretrained_backbone,
+        backbone_kwargs=dict(drop_path_rate=0.0))  # short training: no stochastic depth
+    # FCOS uses one "anchor" per location: its centre is the point, its size s the scale unit. A point
+    # of a level regresses boxes whose farthest side is 4s-8s away (any nearer on the first level,
+    # any farther on the last): shapes up to ~24 px on stride 4, ~24-56 px on 8, larger on 16
+    anchors = AnchorGenerator(sizes=((2,), (4,), (8,)), aspect_ratios=((1.0,),) * 3)
+    return FCOS(backbone, num_classes=len(CLASSES), anchor_generator=anchors,  # label 0 is never a target
+                min_size=SIZE, max_size=SIZE,  # no resizing (torchvision's default upscales to 800 px)
+                image_mean=(0.5, 0.5, 0.5), image_std=(0.3, 0.3, 0.3),  # the images' statistics, not ImageNet's
+                score_thresh=0.05, detections_per_img=20)
 
 
 def draw(images: List[torch.Tensor], detections: List[Target], targets: List[Target], path: Path,
-         score_threshold: float, scale: int = 3) -> None:
+         score_threshold: float, scale: int = 4) -> None:
     """Save the images (upscaled ``scale`` times) with the ground truth (thin white boxes) and the
-    detections above ``score_threshold`` (coloured by class, labelled with class and score)."""
+    detections above ``score_threshold`` (coloured by class, labelled with class and score).
+
+    The detector suppresses overlaps per class; for a readable picture, overlapping boxes of
+    different classes are suppressed too (the best one stays); the metric sees them all.
+    """
     tiles = []
     for image, det, target in zip(images, detections, targets):
-        keep = det['scores'] >= score_threshold
+        keep = torch.zeros_like(det['scores'], dtype=torch.bool)
+        keep[nms(det['boxes'], det['scores'], iou_threshold=0.5)] = True
+        keep &= det['scores'] >= score_threshold
         big = F.interpolate(image[None], scale_factor=scale, mode='nearest')[0]
         labels = [f'{CLASSES[l]} {s:.2f}' for l, s in zip(det['labels'][keep].tolist(), det['scores'][keep].tolist())]
         tile = draw_bounding_boxes((big * 255).to(torch.uint8), target['boxes'] * scale, colors='white', width=1)
@@ -161,11 +190,10 @@ def draw(images: List[torch.Tensor], detections: List[Target], targets: List[Tar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--minutes', type=float, default=3.0, help='training time budget (default 3)')
-    parser.add_argument('--steps', type=int, default=None, help='stop after this many steps (default: time only)')
-    parser.add_argument('--batch-size', type=int, default=4)
-    parser.add_argument('--lr', type=float, default=3e-4)
-    parser.add_argument('--eval-images', type=int, default=64)
+    parser.add_argument('--steps', type=int, default=STEPS, help=f'training steps (default {STEPS})')
+    parser.add_argument('--batch-size', type=int, default=BATCH)
+    parser.add_argument('--lr', type=float, default=LR, help=f'peak learning rate (default {LR})')
+    parser.add_argument('--eval-images', type=int, default=32)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--pretrained-backbone', type=Path, default=None,
                         help='CrossFormer-T ImageNet checkpoint (from the paper\'s model zoo); learns much faster')
@@ -173,26 +201,25 @@ def main() -> None:
     parser.add_argument('--out', type=Path, default=Path('outputs/detect_shapes.png'))
     args = parser.parse_args()
 
+    # as many threads as cores we may use (OMP_NUM_THREADS wins); the same count gives the same numbers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS') or cores))
     torch.manual_seed(args.seed)
     train_gen = torch.Generator().manual_seed(args.seed)
     eval_gen = torch.Generator().manual_seed(args.seed + 10_000)  # held-out images
     model = build_model(args.pretrained_backbone)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
-    warmup = 20
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    # fused: the unfused update takes about 40% of a CPU step
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, fused=True)
+    warmup = min(10, args.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine decay to 0
+        optimizer, lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, args.steps - warmup))))
 
-    budget = args.minutes * 60
-    by_steps = args.steps is not None
-    bar = tqdm(total=args.steps if by_steps else round(budget), desc='training', dynamic_ncols=True,
-               bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} ' + ('steps' if by_steps else 's') + ' [{elapsed}{postfix}]')
     model.train()
     start = time.perf_counter()
     losses: List[float] = []
-    while True:
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget or (by_steps and len(losses) >= args.steps):
-            break
+    for _ in (bar := tqdm(range(args.steps), desc='training', unit='step', dynamic_ncols=True)):
         images, targets = make_batch(train_gen, args.batch_size)
         loss = sum(model(images, targets).values())
         optimizer.zero_grad(set_to_none=True)
@@ -201,12 +228,7 @@ def main() -> None:
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-        if len(losses) == 1:
-            tqdm.write(f'loss at step 1: {losses[0]:.3f}')
-        smoothed = sum(losses[-10:]) / len(losses[-10:])
-        bar.set_postfix(step=len(losses), loss=f'{smoothed:.3f}')
-        bar.update(1 if by_steps else min(round(time.perf_counter() - start), bar.total) - bar.n)
-    bar.close()
+        bar.set_postfix(loss=f'{sum(losses[-10:]) / len(losses[-10:]):.3f}')
     train_time = time.perf_counter() - start
     n = min(10, len(losses))
     print(f'trained {len(losses)} steps of {args.batch_size} images in {train_time:.0f} s; '
