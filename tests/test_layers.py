@@ -244,6 +244,17 @@ def test_space_to_depth_conv_matches_the_strided_conv(kernel, stride, size):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
+def test_stem_takes_space_to_depth_for_large_kernels_only():
+    assert CrossEmbedLayer(3, 32, (4, 8, 16, 32), stride=4).space_to_depth == [False, True, True, True]
+    assert CrossEmbedLayer(96, 192, (2, 4), stride=2, norm_first=True).space_to_depth == [False, False]
+    stem = CrossEmbedLayer(3, 32, (4, 8, 16, 32), stride=4).eval()
+    x = torch.randn(2, 3, 45, 38)
+    with torch.no_grad():
+        fast = stem(x)
+        stem.fast_paths = False
+        torch.testing.assert_close(fast, stem(x), atol=1e-5, rtol=1e-5)
+
+
 def test_stem_trains_through_space_to_depth_with_the_same_gradients():
     stem = CrossEmbedLayer(3, 32, (4, 8, 16, 32), stride=4).train()
     x = torch.randn(2, 3, 45, 38)
@@ -266,3 +277,22 @@ def test_chunked_mlp_steps_aside_under_autocast():
         block.fast_paths = False
         plain = block(x)
     assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_chunked_attention_inference_matches_plain(fused):
+    attn = GroupAttention(32, 2).eval()
+    attn.fused_attn = fused
+    attn.chunk_tokens = 27  # 3 groups of 9 tokens a chunk: chunks end short inside each image
+    groups = 7
+    x = torch.randn(2 * groups, 9, 32)  # 2 images, 7 groups each
+    mask = torch.zeros(groups, 1, 1, 9)
+    mask[-2:, ..., 5:] = MASK_VALUE  # the last groups of every image are partly padding
+    with torch.no_grad():
+        for m in (None, mask):
+            chunked = attn(x, 3, m)
+            attn.fast_paths = False
+            plain = attn(x, 3, m)
+            attn.fast_paths = True
+            torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(attn(x, 3, mask), attn(x, 3, None))  # the mask matters here

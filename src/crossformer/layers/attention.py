@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import use_fused_attn
 
+from .capture import eager_cpu_inference
 from .pos_bias import DynamicPosBias
 
 __all__ = ['GroupAttention', 'dpb_hidden_dim', 'group_attention']
@@ -88,8 +89,13 @@ class GroupAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        # CPU inference fast path (see _chunked_forward); measured in benchmarks/
+        self.fast_paths = True
+        self.chunk_tokens = 1536
 
     def forward(self, x: torch.Tensor, group_size: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.fast_paths and not self.training and eager_cpu_inference(x):
+            return self._chunked_forward(x, group_size, mask)
         B_, N, C = x.shape
         qkv = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # B_, heads, N, head_dim
@@ -97,3 +103,24 @@ class GroupAttention(nn.Module):
         x = group_attention(q, k, v, self.pos(group_size), mask, self.fused_attn, dropout_p)
         x = x.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
+
+    @torch.jit.unused
+    def _chunked_forward(self, x: torch.Tensor, group_size: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` a few groups at a time, so each chunk's q, k, v stay in cache and
+        ``proj`` writes straight into the output (stage 1 of crossformer_s at batch 16, 2 CPU
+        cores: 1.6x). A chunk never spans two images, so it takes a slice of the mask."""
+        B_, N, C = x.shape
+        bias = self.pos(group_size)
+        groups = B_ if mask is None else mask.shape[0]  # groups per image (all, without a mask)
+        step = max(1, min(self.chunk_tokens // N, groups))
+        out = torch.empty_like(x)
+        for start in range(0, B_, groups):
+            for g in range(0, groups, step):
+                rows = slice(start + g, start + min(g + step, groups))
+                chunk = x[rows]
+                n = chunk.shape[0]
+                q, k, v = self.qkv(chunk).view(n, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+                chunk_mask = None if mask is None else mask[g:g + n]
+                o = group_attention(q, k, v, bias, chunk_mask, self.fused_attn).transpose(1, 2).reshape(n * N, C)
+                torch.addmm(self.proj.bias, o, self.proj.weight.t(), out=out[rows].view(n * N, C))
+        return out

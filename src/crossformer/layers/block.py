@@ -10,7 +10,7 @@ from timm.models._manipulate import checkpoint_seq
 from .attention import GroupAttention
 from .cross_embed import CrossEmbedLayer
 from .grouping import group_layout, group_tokens, padding_mask, ungroup_tokens
-from .capture import capturing
+from .capture import eager_cpu_inference
 from .mlp import LeanMlp
 
 __all__ = ['CrossFormerBlock', 'Stage', 'has_cooling']
@@ -64,10 +64,9 @@ class CrossFormerBlock(nn.Module):
         # activation cooling layer; names as in the reference checkpoints
         self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if cooling else None
         self.ex_ln = norm_layer(dim) if cooling else None
-        # inference fast path (see _mlp_residual); measured in benchmarks/
+        # CPU inference fast path (see _mlp_residual); measured in benchmarks/
         self.fast_paths = True
         self.chunk_tokens = 1024
-        self.chunk_max_dim = 128
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -80,21 +79,21 @@ class CrossFormerBlock(nn.Module):
         return x[:, :H, :W] if mask is not None else x
 
     def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """``x + MLP(norm2(x))``; at inference on narrow maps, chunk by chunk of tokens."""
+        """``x + MLP(norm2(x))``; at inference on CPU, chunk by chunk of tokens."""
         if not torch.jit.is_scripting() and self._chunks_apply(x):
             return self._chunked_mlp_residual(x)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
     @torch.jit.unused
     def _chunks_apply(self, x: torch.Tensor) -> bool:
-        return (self.fast_paths and not self.training and not torch.is_grad_enabled() and not capturing()
-                and x.shape[-1] <= self.chunk_max_dim and torch.amp.is_autocast_available(x.device.type)
-                and not torch.is_autocast_enabled(x.device.type))
+        return self.fast_paths and not self.training and eager_cpu_inference(x)
 
     @torch.jit.unused
     def _chunked_mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """Early stages are wide in tokens and narrow in channels: their MLP is memory-bound over
-        the whole map, so each chunk's norm, hidden layer and residual are computed in cache."""
+        """Over a whole map the MLP's 4x wide hidden layer streams through memory; chunk by chunk,
+        each chunk's norm, hidden layer, GELU and residual stay in cache, and fc2 writes straight
+        into the output. On 2 CPU cores, crossformer_s at batch 16: stage 1 MLP 2.4x, stage 2 1.5x,
+        stage 3 1.3x, stage 4 (768 wide) unchanged (benchmarks/)."""
         flat = x.reshape(-1, x.shape[-1])
         out = torch.empty_like(flat)
         mlp = self.mlp

@@ -2,7 +2,7 @@
 import torch
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-__all__ = ['capturing']
+__all__ = ['capturing', 'eager_cpu_inference']
 
 
 @torch.jit.unused
@@ -15,3 +15,14 @@ def capturing() -> bool:
     if torch.jit.is_scripting():
         return True
     return _capturing_in_python()
+
+
+@torch.jit.unused
+def eager_cpu_inference(x: torch.Tensor) -> bool:
+    """True where the token-chunked inference paths apply: eager, no gradient, ``x`` on the CPU, no autocast.
+
+    Chunks keep a layer's intermediate tensors in cache; a GPU wants whole tensors instead, and
+    under autocast the ``out=`` products the chunks write with would not be autocast.
+    """
+    return (not torch.is_grad_enabled() and not capturing() and x.device.type == 'cpu'
+            and not torch.is_autocast_enabled('cpu'))
