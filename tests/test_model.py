@@ -203,6 +203,10 @@ def test_bad_inputs_raise_clear_errors(small):
         small(torch.randn(3, 32, 32))
     with pytest.raises(TypeError, match='floating-point image batch, got torch.uint8'):
         small.forward_intermediates(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match='got torch.bool'):
+        small(torch.zeros(1, 3, 32, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r'at least 1 x 1 pixels .* got 0 x 10'):
+        small(torch.randn(1, 3, 0, 10))
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

@@ -68,7 +68,7 @@ class CrossFormerBackbone(nn.Module):
     ``(B, 3, H, W) -> OrderedDict({'0': (B, C_0, h_0, w_0), '1': ...})``: map ``'k'`` is the raw
     output of stage ``i = out_indices[k]``, with ``C_k = dims[i]`` channels (``out_channels[k]``)
     and ``h_k = ceil(H / s_k)``, ``w_k = ceil(W / s_k)`` at stride ``s_k = 4 * 2**i``
-    (``strides[k]``). Any ``H, W >= 4`` is accepted: nothing needs to be a multiple of 32.
+    (``strides[k]``). Any ``H, W >= 1`` is accepted: nothing needs to be a multiple of 32.
     Keys count the returned maps, as torchvision's ``IntermediateLayerGetter`` names them.
 
     The final norm and the classifier of the wrapped model are removed, and so are the stages

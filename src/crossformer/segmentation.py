@@ -69,7 +69,7 @@ class CrossFormerSegmenter(nn.Module):
     """CrossFormer backbone + :class:`FPNSegmentationHead`.
 
     ``(B, 3, H, W)`` normalised images (ImageNet mean and std) -> ``(B, num_classes, H, W)`` logits,
-    bilinearly upsampled from stride 4. Any ``H, W >= 4``; train with
+    bilinearly upsampled from stride 4. Any ``H, W >= 1``; train with
     ``F.cross_entropy(logits, (B, H, W) int64 labels)``.
     """
 

@@ -34,6 +34,9 @@ def check_image(x: torch.Tensor, in_chans: int) -> None:
                          + str(list(x.shape)))
     if not x.is_floating_point():
         raise TypeError('expected a floating-point image batch, got ' + str(x.dtype))
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError('expected images of at least 1 x 1 pixels (every size from 1 x 1 up is accepted), got '
+                         + str(x.shape[2]) + ' x ' + str(x.shape[3]))
 
 
 torch.fx.wrap('check_image')
@@ -84,7 +87,7 @@ def _check_settings(stem_kernel_sizes, merge_kernel_sizes, in_chans, stem_stride
 class CrossFormer(nn.Module):
     """CrossFormer / CrossFormer++ for image classification and dense features.
 
-    ``(B, in_chans, H, W) -> (B, num_classes)`` for any ``H, W >= 4``. Stage ``i`` produces a
+    ``(B, in_chans, H, W) -> (B, num_classes)`` for any ``H, W >= 1``. Stage ``i`` produces a
     ``ceil(H / 2**(i+2)) x ceil(W / 2**(i+2))`` map with ``dims[i]`` channels.
     """
 
