@@ -8,7 +8,7 @@ Every timing is the median over ``--rounds`` interleaved rounds (each contender 
 round, in turn), so slow drift of the machine hits all of them alike. Baselines:
 
 - ``explicit``: this library's plain path: explicit matmul-softmax-matmul attention, no bias
-  cache, no MLP fast paths (:class:`crossformer.layers.LeanMlp`);
+  cache, no fast paths (token chunks, lean MLP, space-to-depth stem);
 - ``swin_tiny``: timm's ``swin_tiny_patch4_window7_224`` (fused attention), same input.
 """
 import argparse
@@ -29,7 +29,7 @@ SWIN = 'swin_tiny_patch4_window7_224'
 
 
 def explicit(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch a CrossFormer to its plain path: explicit attention, no bias cache, no MLP fast paths."""
+    """Switch a CrossFormer to its plain path: explicit attention, no bias cache, no fast paths."""
     for m in model.modules():
         for switch in ('fused_attn', 'cache_bias', 'fast_paths'):
             if hasattr(m, switch):
