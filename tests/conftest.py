@@ -6,7 +6,7 @@ import torch
 
 import crossformer  # noqa: F401  (registers the timm models)
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference'
+REFERENCE = Path(__file__).resolve().parent / 'reference'  # copied from the reference implementation; see its README
 
 
 def mini_kwargs(reference_kwargs: dict) -> dict:
@@ -25,7 +25,7 @@ def mini_kwargs(reference_kwargs: dict) -> dict:
 @pytest.fixture(scope='session')
 def reference() -> Path:
     if not (REFERENCE / 'cases.json').is_file():
-        pytest.fail(f'reference fixtures not found at {REFERENCE}: ../shared/reference must sit beside the repo')
+        pytest.fail(f'reference fixtures not found at {REFERENCE}')
     return REFERENCE
 
 
