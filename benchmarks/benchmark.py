@@ -7,9 +7,12 @@
 Every timing is the median over ``--rounds`` interleaved rounds (each contender once per
 round, in turn), so slow drift of the machine hits all of them alike. Baselines:
 
-- ``explicit``: this library's plain path: explicit matmul-softmax-matmul attention, no bias
-  cache, no fast paths (token chunks, lean MLP, space-to-depth stem);
+- ``explicit``: ``crossformer.set_speedups(model, False)``, every layer's definition: explicit
+  matmul-softmax-matmul attention, no bias cache, no token chunks, lean MLP or space-to-depth stem;
 - ``swin_tiny``: timm's ``swin_tiny_patch4_window7_224`` (fused attention), same input.
+
+The eval section also reports the fraction of the host's matmul peak the model reaches: its
+FLOPs per second (2 x GMACs) over those of one large fp32 (or ``--amp`` dtype) matrix product.
 """
 import argparse
 import contextlib
@@ -19,22 +22,17 @@ from typing import Callable, Dict, List
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-import crossformer  # noqa: F401  (registers the models)
+from crossformer import set_speedups
+from crossformer.info import count_gmacs
+from crossformer.models.crossformer import PAPER_RESULTS
 
-PAPER_GFLOPS = {'crossformer_t': 2.9, 'crossformer_s': 4.9, 'crossformer_b': 9.2, 'crossformer_l': 16.1,
-                'crossformerpp_s': 4.9, 'crossformerpp_b': 9.5, 'crossformerpp_l': 16.6, 'crossformerpp_h': 21.8}
 SWIN = 'swin_tiny_patch4_window7_224'
 
 
 def explicit(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch a CrossFormer to its plain path: explicit attention, no bias cache, no fast paths."""
-    for m in model.modules():
-        for switch in ('fused_attn', 'cache_bias', 'fast_paths'):
-            if hasattr(m, switch):
-                setattr(m, switch, False)
-    return model
+    """A CrossFormer with every speed-up off: each layer runs its definition."""
+    return set_speedups(model, False)
 
 
 def sync(device: torch.device) -> None:
@@ -59,10 +57,16 @@ def interleaved(fns: Dict[str, Callable[[], None]], rounds: int, device: torch.d
 
 def gmacs(model: torch.nn.Module, size: int = 224) -> float:
     """Multiply-accumulates of one image; explicit attention, since the counter misses SDPA's CPU kernel."""
-    model = explicit(model)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, size, size))
-    return counter.get_total_flops() / 2e9
+    if hasattr(model, 'layers') and hasattr(model, 'patch_embed'):
+        explicit(model)
+    return count_gmacs(model.eval(), (size, size))
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, rounds: int = 5) -> float:
+    """FLOP/s of one ``n x n`` matrix product in ``dtype``, median of ``rounds``: the host's practical peak."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    t = interleaved({'mm': lambda: a @ b}, rounds, device)['mm']
+    return 2 * n ** 3 / t
 
 
 def autocast(args, device):
@@ -82,8 +86,11 @@ def section_eval(args, device):
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     swin = build(SWIN, device, args.compile)
     swin_gmacs = gmacs(timm.create_model(SWIN), args.size) if args.size == 224 else float('nan')
-    print(f'| model | img/s | vs explicit | img/s per GMAC vs {SWIN} |')
-    print('|---|---:|---:|---:|')
+    dtype = {'none': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
+    peak = matmul_peak_flops(device, dtype)
+    print(f'host matmul peak ({dtype}): {peak / 1e9:.0f} GFLOP/s')
+    print(f'| model | img/s | vs explicit | img/s per GMAC vs {SWIN} | of matmul peak |')
+    print('|---|---:|---:|---:|---:|')
     for name in args.models:
         fused, plain = build(name, device, args.compile), explicit(build(name, device, args.compile))
         fns = {'fused': lambda: fused(x), 'explicit': lambda: plain(x), 'swin': lambda: swin(x)}
@@ -91,8 +98,11 @@ def section_eval(args, device):
             t = interleaved(fns, args.rounds, device)
         g = gmacs(timm.create_model(name), args.size)
         per_gmac = (t['swin'] * swin_gmacs) / (t['fused'] * g)
-        print(f'| {name} | {args.batch / t["fused"]:.1f} | {t["explicit"] / t["fused"]:.2f}x | {per_gmac:.2f}x |')
-    print(f'| {SWIN} | {args.batch / t["swin"]:.1f} | | 1.00x |')
+        of_peak = 2 * g * 1e9 * args.batch / t['fused'] / peak
+        print(f'| {name} | {args.batch / t["fused"]:.1f} | {t["explicit"] / t["fused"]:.2f}x | {per_gmac:.2f}x '
+              f'| {100 * of_peak:.0f}% |')
+    swin_peak = 2 * swin_gmacs * 1e9 * args.batch / t['swin'] / peak
+    print(f'| {SWIN} | {args.batch / t["swin"]:.1f} | | 1.00x | {100 * swin_peak:.0f}% |')
 
 
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -162,8 +172,8 @@ def section_gmacs(args, device):
     print('\n## GMACs at 224 (torch.utils.flop_counter: matmuls and convolutions) next to the paper')
     print('| model | GMACs | paper GFLOPs |')
     print('|---|---:|---:|')
-    for name in PAPER_GFLOPS:
-        print(f'| {name} | {gmacs(timm.create_model(name)):.2f} | {PAPER_GFLOPS[name]} |')
+    for name, paper in PAPER_RESULTS.items():
+        print(f'| {name} | {gmacs(timm.create_model(name)):.2f} | {paper["gflops"]} |')
 
 
 SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling}

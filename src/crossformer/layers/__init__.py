@@ -1,18 +1,20 @@
-"""Building blocks of CrossFormer; no model registry here."""
-from .attention import GroupAttention, dpb_hidden_dim
+"""Building blocks of CrossFormer; no model registry here.
+
+Each layer's ``forward`` is the definition; :mod:`.speedups` holds every eager-only speed-up and
+``set_speedups(model, False)`` turns them all off.
+"""
+from .attention import GroupAttention, dpb_hidden_dim, group_attention
 from .block import CrossFormerBlock, Stage, has_cooling
-from .capture import capturing
-from .cross_embed import CrossEmbedLayer, space_to_depth_conv, split_dims
-from .grouping import MASK_VALUE, group_layout, group_tokens, padding_mask, ungroup_tokens
-from .mlp import LeanMlp, gelu_linear
+from .cross_embed import CrossEmbedLayer, split_dims
+from .grouping import MASK_VALUE, build_padding_mask, group_layout, group_tokens, ungroup_tokens
 from .pos_bias import DynamicPosBias, relative_offsets, relative_position_index
+from .speedups import capturing, gelu_linear, set_speedups, space_to_depth_conv
 
 __all__ = [
-    'capturing',
-    'CrossEmbedLayer', 'space_to_depth_conv', 'split_dims',
+    'CrossEmbedLayer', 'split_dims',
     'DynamicPosBias', 'relative_offsets', 'relative_position_index',
-    'group_layout', 'group_tokens', 'ungroup_tokens', 'padding_mask', 'MASK_VALUE',
-    'GroupAttention', 'dpb_hidden_dim',
-    'LeanMlp', 'gelu_linear',
+    'group_layout', 'group_tokens', 'ungroup_tokens', 'build_padding_mask', 'MASK_VALUE',
+    'GroupAttention', 'dpb_hidden_dim', 'group_attention',
     'CrossFormerBlock', 'Stage', 'has_cooling',
+    'set_speedups', 'capturing', 'gelu_linear', 'space_to_depth_conv',
 ]

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import use_fused_attn
 
-from .capture import eager_cpu_inference
+from ..errors import ConfigError
 from .pos_bias import DynamicPosBias
+from .speedups import AttentionSpeedups
 
 __all__ = ['GroupAttention', 'dpb_hidden_dim', 'group_attention']
 
@@ -59,7 +60,7 @@ def group_attention(
 torch.fx.wrap('group_attention')
 
 
-class GroupAttention(nn.Module):
+class GroupAttention(AttentionSpeedups, nn.Module):
     """Multi-head self-attention inside each group of tokens.
 
     ``forward(x, group_size, mask)``: ``x`` is ``(B * num_groups, G*G, C)``, groups ordered
@@ -74,53 +75,32 @@ class GroupAttention(nn.Module):
             qkv_bias: bool = True,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
-            dpb_residual: bool = False,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+            raise ConfigError(f'dim {dim} is not divisible by num_heads {num_heads}')
         if dpb_hidden_dim(dim) < 1:
-            raise ValueError(f'dim {dim} is too small: the position-bias MLP needs dim >= 16')
+            raise ConfigError(f'dim {dim} is too small: the position-bias MLP needs dim >= 16')
+        dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.fused_attn = use_fused_attn()
-        self.pos = DynamicPosBias(dpb_hidden_dim(dim), num_heads, residual=dpb_residual)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.pos = DynamicPosBias(dpb_hidden_dim(dim), num_heads, **dd)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        # CPU inference fast path (see _chunked_forward); measured in benchmarks/
-        self.fast_paths = True
-        self.chunk_tokens = 1536
 
     def forward(self, x: torch.Tensor, group_size: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.fast_paths and not self.training and eager_cpu_inference(x):
-            return self._chunked_forward(x, group_size, mask)
+        if not torch.jit.is_scripting() and self.speedup_applies(x, mask):
+            return self.speedup(x, group_size, mask)  # CPU inference, a few groups at a time
         B_, N, C = x.shape
         qkv = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # B_, heads, N, head_dim
+        bias = self.pos(group_size, q.dtype, q.device)  # heads, N, N
         dropout_p = self.attn_drop.p if self.training else 0.
-        x = group_attention(q, k, v, self.pos(group_size), mask, self.fused_attn, dropout_p)
+        x = group_attention(q, k, v, bias, mask, self.fused_attn, dropout_p)
         x = x.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
-
-    @torch.jit.unused
-    def _chunked_forward(self, x: torch.Tensor, group_size: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """:meth:`forward` a few groups at a time, so each chunk's q, k, v stay in cache and
-        ``proj`` writes straight into the output (stage 1 of crossformer_s at batch 16, 2 CPU
-        cores: 1.6x). A chunk never spans two images, so it takes a slice of the mask."""
-        B_, N, C = x.shape
-        bias = self.pos(group_size)
-        groups = B_ if mask is None else mask.shape[0]  # groups per image (all, without a mask)
-        step = max(1, min(self.chunk_tokens // N, groups))
-        out = torch.empty_like(x)
-        for start in range(0, B_, groups):
-            for g in range(0, groups, step):
-                rows = slice(start + g, start + min(g + step, groups))
-                chunk = x[rows]
-                n = chunk.shape[0]
-                q, k, v = self.qkv(chunk).view(n, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-                chunk_mask = None if mask is None else mask[g:g + n]
-                o = group_attention(q, k, v, bias, chunk_mask, self.fused_attn).transpose(1, 2).reshape(n * N, C)
-                torch.addmm(self.proj.bias, o, self.proj.weight.t(), out=out[rows].view(n * N, C))
-        return out

@@ -13,12 +13,11 @@ Under ``torch.jit.trace`` (and so the TorchScript-based ONNX exporter) sizes are
 :func:`group_layout` then computes with tensor ops instead of Python branches, and the padding
 mask is always built, so a traced or exported graph follows the input size.
 """
-from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['group_layout', 'group_tokens', 'ungroup_tokens', 'build_padding_mask', 'padding_mask', 'MASK_VALUE']
+__all__ = ['group_layout', 'group_tokens', 'ungroup_tokens', 'build_padding_mask', 'MASK_VALUE']
 
 # Added to the logits of padded keys. Large but finite, as in the reference: a group made only
 # of padding then gets uniform weights instead of NaN.
@@ -73,7 +72,7 @@ def ungroup_tokens(x: torch.Tensor, group_size: int, interval: int, height: int,
 
 
 def build_padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
-                       device: torch.device, mask_value: float = MASK_VALUE) -> Optional[torch.Tensor]:
+                       device: torch.device) -> Optional[torch.Tensor]:
     """Additive mask for padded keys, ``(num_groups, 1, 1, G*G)`` float, or None without padding.
 
     Queries are not masked: padded queries are cropped away after attention. When traced, the
@@ -85,21 +84,4 @@ def build_padding_mask(height: int, width: int, group_size: int, interval: int, 
     cols = torch.arange(padded_w, device=device) >= width  # Wp
     pad = (rows[:, None] | cols[None, :]).float()[None, :, :, None]  # 1, Hp, Wp, 1
     pad = group_tokens(pad, group_size, interval).squeeze(-1)  # groups, G*G
-    return (pad * mask_value)[:, None, None, :]  # groups, 1, 1, G*G
-
-
-_mask_cache = lru_cache(maxsize=64)(build_padding_mask)
-
-
-@torch.jit.unused
-def _cached_padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
-                         device: torch.device) -> Optional[torch.Tensor]:
-    return _mask_cache(height, width, group_size, interval, padded_h, padded_w, device)
-
-
-def padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
-                 device: torch.device) -> Optional[torch.Tensor]:
-    """:func:`build_padding_mask`, cached per shape and device; treat the result as read-only."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return build_padding_mask(height, width, group_size, interval, padded_h, padded_w, device)
-    return _cached_padding_mask(height, width, group_size, interval, padded_h, padded_w, device)
+    return (pad * -1e6)[:, None, None, :]  # groups, 1, 1, G*G; -1e6 is MASK_VALUE (TorchScript reads no float globals)

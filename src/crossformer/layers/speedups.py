@@ -1,0 +1,324 @@
+"""Every eager-only speed-up of the CrossFormer layers, with its tuned constants and its condition.
+
+Each speed-up computes what the layer's definition computes (tests hold the two within 1e-5),
+faster or with less memory. A layer's ``forward`` is the definition, with one line where its
+speed-up may take over; the layer inherits that speed-up from a class here.
+
+When they apply, stated once each below:
+
+================================  ====================  =============================================
+speed-up                          layer                 condition
+================================  ====================  =============================================
+token chunks                      GroupAttention,       :func:`_cpu_inference`: CPU inference (eval,
+                                  block MLP residual    no grad, no autocast), more than a chunk
+lean MLP (GELU recomputed)        block MLP residual    :meth:`BlockSpeedups._lean_applies`: training
+                                                        with autograd, on any device
+space-to-depth convolutions       CrossEmbedLayer       :meth:`CrossEmbedSpeedups.speedup_applies`:
+                                                        CPU, large kernels on few channels
+DPB bias cache                    DynamicPosBias        no gradient recorded
+padding-mask cache                :func:`padding_mask`  eager
+================================  ====================  =============================================
+
+And for all of them: never while a graph is captured (TorchScript, ``torch.jit.trace`` and so
+ONNX, FX, ``torch.compile``), so a graph records the definition; never past a layer that is not
+the plain torch module a speed-up was tuned for (a LoRA wrapper, a quantized Linear) or that has
+hooks: a speed-up calls such a layer as it is, or steps aside. :func:`set_speedups` turns every
+one of them off for a whole model, timm's fused attention (SDPA) included.
+"""
+import weakref
+from functools import lru_cache
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from timm.layers import use_fused_attn
+
+from .grouping import build_padding_mask
+
+__all__ = ['set_speedups', 'capturing', 'padding_mask', 'gelu_linear', 'space_to_depth_conv',
+           'AttentionSpeedups', 'BlockSpeedups', 'CrossEmbedSpeedups', 'PosBiasSpeedups']
+
+# Tuned on 2 CPU cores (benchmarks/benchmark.py): enough tokens that the matmuls stay efficient,
+# few enough that a chunk's wide intermediates stay in cache.
+ATTENTION_CHUNK_TOKENS = 1536  # tokens of whole groups per chunk of GroupAttention
+MLP_CHUNK_TOKENS = 1024  # tokens per chunk of a block's inference MLP residual
+LEAN_MLP_CHUNK_TOKENS = 2048  # tokens per chunk of the lean MLP, CPU fp32 training
+# Space-to-depth pays off where a strided kernel is large and its input narrow (the stem); the
+# merges between stages (kernels 2 and 4 at stride 2 on 96+ channels) are faster as they are.
+SPACE_TO_DEPTH_MAX_CHANNELS = 64  # input channels after regrouping, C * stride**2
+
+
+def set_speedups(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn every speed-up of ``model``'s CrossFormer layers on or off; returns ``model``.
+
+    Off, every layer runs its definition, with explicit attention; on, fused attention follows
+    timm's ``use_fused_attn()`` (``TIMM_FUSED_ATTN``).
+    """
+    for module in model.modules():
+        if isinstance(module, _Speedup):
+            module.speedups = enabled
+        if isinstance(module, AttentionSpeedups):
+            module.fused_attn = enabled and use_fused_attn()
+    return model
+
+
+@torch.jit.unused
+def _capturing_in_python() -> bool:
+    return torch.jit.is_tracing() or is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+
+
+def capturing() -> bool:
+    """True under TorchScript, ``torch.jit.trace`` (ONNX export), FX symbolic tracing or ``torch.compile``."""
+    if torch.jit.is_scripting():
+        return True
+    return _capturing_in_python()
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """``module`` or one inside it has forward hooks (or a global forward hook is set)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    """``module`` is exactly a ``cls`` (not a subclass, wrapper or quantized stand-in), without hooks."""
+    return type(module) is cls and not _has_hooks(module)
+
+
+class _Speedup:
+    """Base of the speed-up mixins: ``speedups`` is the switch :func:`set_speedups` sets."""
+    speedups: bool = True
+
+    @torch.jit.unused
+    def _eager(self) -> bool:
+        return self.speedups and not capturing()
+
+
+@torch.jit.unused
+def _cpu_inference(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Where token chunks pay off: CPU inference (eval, no grad, no autocast), no hooks inside.
+
+    Chunks keep a layer's wide intermediates in cache; a GPU wants whole tensors instead, and
+    autograd would keep every chunk's intermediates anyway. Hooks see whole tensors.
+    """
+    return (layer._eager() and not layer.training and not torch.is_grad_enabled() and x.device.type == 'cpu'
+            and not torch.is_autocast_enabled('cpu') and not _has_hooks(layer))
+
+
+# ---- GroupAttention: a few groups at a time ------------------------------------------------------
+
+class AttentionSpeedups(_Speedup):
+    """For :class:`~crossformer.layers.GroupAttention`: CPU inference a few groups at a time.
+
+    Each chunk's q, k, v and attention weights stay in cache. A chunk never spans two images, so
+    it takes a slice of the padding mask; each chunk runs the layer's own ``forward``.
+    """
+    fused_attn: bool
+
+    @staticmethod
+    def _groups_per_chunk(x: torch.Tensor, mask: Optional[torch.Tensor]) -> int:
+        groups = x.shape[0] if mask is None else mask.shape[0]  # groups per image (all, without a mask)
+        return max(1, min(ATTENTION_CHUNK_TOKENS // x.shape[1], groups))
+
+    @torch.jit.unused
+    def speedup_applies(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+        return _cpu_inference(self, x) and x.shape[0] > self._groups_per_chunk(x, mask)
+
+    @torch.jit.unused
+    def speedup(self, x: torch.Tensor, group_size: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        groups = x.shape[0] if mask is None else mask.shape[0]
+        step = self._groups_per_chunk(x, mask)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], groups):
+            for g in range(0, groups, step):
+                n = min(step, groups - g)
+                rows = slice(start + g, start + g + n)
+                out[rows] = self.forward(x[rows], group_size, None if mask is None else mask[g:g + n])
+        return out
+
+
+# ---- the block's MLP residual: token chunks at inference, lean backward in training ----------
+
+class _GeluLinear(torch.autograd.Function):
+    """``linear(gelu(h), weight, bias)`` keeping only ``h`` for backward, where ``gelu(h)`` is recomputed.
+
+    Autograd would keep both ``h`` and ``gelu(h)``; for the MLP's 4x wide hidden layer that is
+    the largest tensor a block saves. With ``chunk > 0`` (fp32 on CPU) forward and backward go
+    ``chunk`` tokens at a time, so the GELU's input and output stay in cache. Under autocast
+    (``chunk == 0``) the matmuls run in the dtype autocast gave the output, as autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        ctx.chunk = chunk
+        if not chunk:
+            return F.linear(F.gelu(h), weight, bias)
+        flat = h.flatten(0, -2)
+        out = flat.new_empty(flat.shape[0], weight.shape[0])
+        for start in range(0, flat.shape[0], chunk):
+            gelu = F.gelu(flat[start:start + chunk])
+            if bias is None:
+                torch.mm(gelu, weight.t(), out=out[start:start + chunk])
+            else:
+                torch.addmm(bias, gelu, weight.t(), out=out[start:start + chunk])
+        return out.view(*h.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        grad_out = grad_out.flatten(0, -2)
+        flat = h.flatten(0, -2)
+        grad_bias = grad_out.sum(0).to(weight.dtype) if ctx.has_bias else None
+        if ctx.chunk and grad_out.dtype == weight.dtype:
+            grad_h = torch.empty_like(flat)
+            grad_weight = torch.zeros_like(weight)
+            for start in range(0, flat.shape[0], ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                grad_h[rows] = torch.ops.aten.gelu_backward(grad_out[rows] @ weight, flat[rows])
+                grad_weight.addmm_(grad_out[rows].t(), F.gelu(flat[rows]))
+            return grad_h.view_as(h), grad_weight, grad_bias, None
+        dtype = grad_out.dtype
+        grad_h = torch.ops.aten.gelu_backward(grad_out @ weight.to(dtype), flat).view_as(h)
+        grad_weight = (grad_out.t() @ F.gelu(flat).to(dtype)).to(weight.dtype)
+        return grad_h, grad_weight, grad_bias, None
+
+
+def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], chunk: int = 0) -> torch.Tensor:
+    """``F.linear(F.gelu(h), weight, bias)`` that keeps half the activations for backward.
+
+    ``chunk > 0`` computes it ``chunk`` tokens at a time (not under autocast).
+    """
+    return _GeluLinear.apply(h, weight, bias, chunk)
+
+
+class BlockSpeedups(_Speedup):
+    """For :class:`~crossformer.layers.CrossFormerBlock`'s ``mlp_residual``, ``x + MLP(norm2(x))``.
+
+    - CPU inference: chunk by chunk of tokens, so each chunk's norm, 4x wide hidden layer, GELU and
+      residual stay in cache; each chunk runs the block's own ``mlp_residual``.
+    - Training with autograd, where the MLP is timm's plain ``Mlp`` with exact GELU: the GELU
+      output is recomputed in backward instead of kept (:func:`gelu_linear`), ``4C`` fewer floats
+      kept per token, the largest tensor a block keeps. On CPU in fp32, in chunks too.
+    """
+
+    @torch.jit.unused
+    def _lean_applies(self) -> bool:
+        mlp = self.mlp
+        return (self._eager() and self.training and torch.is_grad_enabled()
+                and type(mlp.act) is nn.GELU and mlp.act.approximate == 'none' and mlp.drop1.p == 0.
+                and isinstance(mlp.norm, nn.Identity) and _plain(mlp.fc2, nn.Linear) and not _has_hooks(mlp))
+
+    @torch.jit.unused
+    def speedup_applies(self, x: torch.Tensor) -> bool:
+        return (_cpu_inference(self, x) and x.numel() > MLP_CHUNK_TOKENS * x.shape[-1]) or self._lean_applies()
+
+    @torch.jit.unused
+    def speedup(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mlp = self.mlp
+            cpu_fp32 = x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_autocast_enabled('cpu')
+            hidden = gelu_linear(mlp.fc1(self.norm2(x)), mlp.fc2.weight, mlp.fc2.bias,
+                                 LEAN_MLP_CHUNK_TOKENS if cpu_fp32 else 0)
+            return x + self.drop_path2(mlp.drop2(hidden))
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], MLP_CHUNK_TOKENS):
+            rows = slice(start, start + MLP_CHUNK_TOKENS)
+            out[rows] = self.mlp_residual(flat[rows])
+        return out.view(x.shape)
+
+
+# ---- CrossEmbedLayer: large strided kernels as space-to-depth convolutions --------------------
+
+def space_to_depth_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` for a square kernel that is a multiple of the stride, as a stride-1 convolution.
+
+    Regroups ``s x s`` pixel cells into channels (and the kernel alike), so the kernel shrinks
+    to ``k / s``: the same sums, in another order. CPU backends handle a large strided kernel on
+    few input channels badly, in forward and in the weight gradient.
+    """
+    B, C, H, W = x.shape
+    (k, _), (s, _), (p, _) = conv.kernel_size, conv.stride, conv.padding
+    out_h, out_w = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    Hp, Wp = (H + 2 * p + s - 1) // s * s, (W + 2 * p + s - 1) // s * s
+    x = F.pad(x, (p, Wp - W - p, p, Hp - H - p))
+    x = x.view(B, C, Hp // s, s, Wp // s, s).permute(0, 1, 3, 5, 2, 4).reshape(B, C * s * s, Hp // s, Wp // s)
+    O = conv.out_channels
+    w = conv.weight.view(O, C, k // s, s, k // s, s).permute(0, 1, 3, 5, 2, 4).reshape(O, C * s * s, k // s, k // s)
+    return F.conv2d(x, w, conv.bias)[:, :, :out_h, :out_w]
+
+
+def _space_to_depth_pays(conv: nn.Module) -> bool:
+    """A plain square-kernel conv whose kernel is at least twice its stride, on few input channels."""
+    if not _plain(conv, nn.Conv2d) or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != 'zeros':
+        return False
+    (k, k_w), (s, s_w), (p, p_w) = conv.kernel_size, conv.stride, conv.padding
+    return (k == k_w and s == s_w and p == p_w and k >= 2 * s and k % s == 0
+            and conv.in_channels * s * s <= SPACE_TO_DEPTH_MAX_CHANNELS)
+
+
+class CrossEmbedSpeedups(_Speedup):
+    """For :class:`~crossformer.layers.CrossEmbedLayer`: on CPU, the stem's large kernels (8/16/32 at
+    stride 4) as :func:`space_to_depth_conv`; the other convolutions are called as they are."""
+
+    @torch.jit.unused
+    def speedup_applies(self, x: torch.Tensor) -> bool:
+        return self._eager() and x.device.type == 'cpu' and any(_space_to_depth_pays(p) for p in self.projs)
+
+    @torch.jit.unused
+    def speedup(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([space_to_depth_conv(x, p) if _space_to_depth_pays(p) else p(x) for p in self.projs], dim=1)
+
+
+# ---- caches ------------------------------------------------------------------------------------
+
+_bias_caches: 'weakref.WeakKeyDictionary[nn.Module, Dict[tuple, torch.Tensor]]' = weakref.WeakKeyDictionary()
+_DPB_PLAIN_TYPES = (nn.Linear, nn.LayerNorm, nn.ReLU, nn.Sequential)
+
+
+class PosBiasSpeedups(_Speedup):
+    """For :class:`~crossformer.layers.DynamicPosBias`: the bias cached per group size while no
+    gradient is recorded.
+
+    The key holds the dtype, the device and each parameter's storage and version counter, so an
+    optimizer step, ``load_state_dict`` or ``.to()`` is never served a stale bias.
+    """
+
+    @torch.jit.unused
+    def speedup_applies(self) -> bool:
+        return (self._eager() and not torch.is_grad_enabled() and not _has_hooks(self)
+                and all(type(m) in _DPB_PLAIN_TYPES for m in list(self.modules())[1:]))
+
+    @torch.jit.unused
+    def speedup(self, group_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        params = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        key = (group_size, dtype, device, params)
+        cache = _bias_caches.setdefault(self, {})
+        if key not in cache:
+            for stale in [k for k in cache if k[1:] != key[1:]]:
+                del cache[stale]
+            cache[key] = self.bias(group_size, dtype, device)
+        return cache[key]
+
+
+_mask_cache = lru_cache(maxsize=64)(build_padding_mask)
+
+
+@torch.jit.unused
+def _cached_padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
+                         device: torch.device) -> Optional[torch.Tensor]:
+    return _mask_cache(height, width, group_size, interval, padded_h, padded_w, device)
+
+
+def padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
+                 device: torch.device) -> Optional[torch.Tensor]:
+    """:func:`~crossformer.layers.grouping.build_padding_mask`, cached per shape and device in eager
+    mode; treat the result as read-only."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return build_padding_mask(height, width, group_size, interval, padded_h, padded_w, device)
+    return _cached_padding_mask(height, width, group_size, interval, padded_h, padded_w, device)
