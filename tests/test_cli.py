@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from crossformer import CrossFormer, load_checkpoint
 from crossformer.cli import main
-from crossformer.inference import class_names_for
+from crossformer.predict import class_names_for
 from crossformer.viz import group_ids
 from tiny_data import CLASSES, TINY_MODEL, tiny_config, write_image_folder
 
@@ -63,7 +63,7 @@ def test_python_m_crossformer(capsys, monkeypatch):
 
 
 def test_train_writes_checkpoints_metrics_and_plot(trained, capsys):
-    for name in ('last.safetensors', 'best.safetensors', 'last.json', 'metrics.csv', 'metrics.png'):
+    for name in ('last.safetensors', 'model.safetensors', 'last.json', 'metrics.csv', 'metrics.png'):
         assert (trained / name).is_file(), name
     lines = (trained / 'metrics.csv').read_text().splitlines()
     assert lines[0].startswith('epoch,step,lr,train_loss,val_loss,val_top1,val_top5') and len(lines) == 3
@@ -93,7 +93,7 @@ def test_validate_reports_the_same_accuracy_as_training(trained, data_dir, capsy
 
 def test_predict_names_the_trained_classes(trained, data_dir, capsys):
     image = data_dir / 'val' / 'vertical' / '0.png'
-    code, out, err = run(capsys, 'predict', image, '--checkpoint', trained / 'best.safetensors', '--topk', 3)
+    code, out, err = run(capsys, 'predict', image, '--checkpoint', trained / 'model.safetensors', '--topk', 3)
     assert code == 0, err
     ranked = re.findall(r'^\s+(\d)\.\s+([\d.]+)%\s+(\w+)$', out, flags=re.M)
     assert [r[0] for r in ranked] == ['1', '2', '3']

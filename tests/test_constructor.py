@@ -1,7 +1,7 @@
 """The CrossFormer constructor refuses bad arguments at construction, naming what is wrong."""
 import pytest
 
-from crossformer import CrossFormer
+from crossformer import ConfigError, CrossFormer
 
 SMALL = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5)
 
@@ -32,8 +32,8 @@ CASES = [
     pytest.param(dict(interval=(8, 0, 2, 1), depths=(1, 1, 1, 1)), ValueError, 'group_size and interval must be >= 1', id='unused-interval-0'),
     pytest.param(dict(num_heads=(1, 0, 2, 4)), ValueError, r'num_heads must be integers >= 1, got \(1, 0, 2, 4\)', id='heads-0'),
     pytest.param(dict(depths=(2, 0, 2, 2)), ValueError, r'depths must be integers >= 1, got \(2, 0, 2, 2\)', id='depth-0'),
-    pytest.param(dict(group_size=7.5), TypeError, r'group_size must be integers, got \(7.5, 7.5, 7.5, 7.5\)', id='float-group-size'),
-    pytest.param(dict(embed_dim=16.0), TypeError, r'embed_dim must be integers, got \(16.0, 32.0, 64.0, 128.0\)', id='float-embed-dim'),
+    pytest.param(dict(group_size=7.5), ConfigError, r'group_size must be integers, got \(7.5, 7.5, 7.5, 7.5\)', id='float-group-size'),
+    pytest.param(dict(embed_dim=16.0), ConfigError, r'embed_dim must be integers, got \(16.0, 32.0, 64.0, 128.0\)', id='float-embed-dim'),
     pytest.param(dict(stem_kernel_sizes=()), ValueError, 'stem_kernel_sizes needs at least one kernel size', id='no-stem-kernels'),
     pytest.param(dict(merge_kernel_sizes=()), ValueError, 'merge_kernel_sizes needs at least one kernel size', id='no-merge-kernels'),
     pytest.param(dict(stem_stride=0), ValueError, 'in_chans and stem_stride must be >= 1, got 3 and 0', id='stem-stride-0'),

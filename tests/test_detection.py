@@ -110,8 +110,8 @@ def test_norm_outputs_normalise_channels():
     (dict(out_indices=(2, 1)), 'out_indices'),
     (dict(out_indices=(0, 4)), 'out_indices'),
     (dict(out_indices=()), 'out_indices'),
-    (dict(frozen_stages=5), 'frozen_stages'),
-    (dict(frozen_stages=-2), 'frozen_stages'),
+    (dict(trainable_stages=6), 'trainable_stages'),
+    (dict(trainable_stages=-1), 'trainable_stages'),
 ])
 def test_backbone_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from crossformer import CrossFormer
+from crossformer import CrossFormer, InputError
 from crossformer.compat import from_vit_pytorch_kwargs
 
 VARIANTS = timm.list_models('crossformer*')
@@ -201,9 +201,9 @@ def test_bad_inputs_raise_clear_errors(small):
         small(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match=r'got shape \[3, 32, 32\]'):
         small(torch.randn(3, 32, 32))
-    with pytest.raises(TypeError, match='floating-point image batch, got torch.uint8'):
+    with pytest.raises(InputError, match='floating-point image batch, got torch.uint8'):
         small.forward_intermediates(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(TypeError, match='got torch.bool'):
+    with pytest.raises(InputError, match='got torch.bool'):
         small(torch.zeros(1, 3, 32, 32, dtype=torch.bool))
     with pytest.raises(ValueError, match=r'at least 1 x 1 pixels .* got 0 x 10'):
         small(torch.randn(1, 3, 0, 10))

@@ -28,9 +28,9 @@ def test_segmenter_logits_at_input_size_and_backward(segmenter, size):
     assert model.head.classifier.weight.grad.abs().sum() > 0
 
 
-def test_segmenter_frozen_stages():
+def test_segmenter_trainable_stages():
     torch.manual_seed(0)
-    model = CrossFormerSegmenter('crossformer_t', num_classes=3, channels=32, frozen_stages=2,
+    model = CrossFormerSegmenter('crossformer_t', num_classes=3, channels=32, trainable_stages=2,
                                  embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)).train()
     body = model.backbone.model
     frozen = [body.patch_embed, body.layers[0], body.layers[1]]

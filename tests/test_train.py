@@ -10,10 +10,14 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from crossformer.config import ConfigError
-from crossformer.data import DigitsDataset
-from crossformer.snapshot import SnapshotError, load_snapshot, read_weights_info
-from crossformer.train import Runtime, Trainer, evaluate, train
+from crossformer.errors import ConfigError
+from crossformer.train.config import config_from_dict, load_config
+from crossformer.train.data import DigitsDataset
+from crossformer.train.engine import Runtime, Trainer, evaluate, train
+from crossformer.train.snapshot import SnapshotError, load_snapshot
+from crossformer.weights import read_run_info
+
+DIGITS = load_config()
 from tiny_data import CLASSES, tiny_config, write_image_folder
 
 
@@ -32,7 +36,7 @@ def finished_run(data_dir, tmp_path_factory):
 
 def test_two_epochs_write_metrics_plot_and_checkpoints(finished_run):
     trainer, out = finished_run
-    for name in ('last.safetensors', 'last.optim.safetensors', 'last.json', 'best.safetensors',
+    for name in ('last.safetensors', 'last.optim.safetensors', 'last.json', 'model.safetensors',
                  'metrics.csv', 'metrics.png'):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.glob('.*tmp*')), 'temporary files left behind'
@@ -46,7 +50,7 @@ def test_two_epochs_write_metrics_plot_and_checkpoints(finished_run):
 
     state = json.loads((out / 'last.json').read_text())
     assert (state['epoch'], state['step']) == (2, 12)
-    info = read_weights_info(out / 'last.safetensors')
+    info = read_run_info(out / 'last.safetensors')
     assert info['class_names'] == list(CLASSES) and info['num_classes'] == 3 and info['step'] == 12
     weights = load_file(out / 'last.safetensors')
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
@@ -113,7 +117,7 @@ def test_ema_amp_and_gradient_checkpointing_run(data_dir, tmp_path):
     assert all(stage.grad_checkpointing for stage in trainer.model.layers)
     row = trainer.history[-1]
     assert 0 <= row['ema_val_top1'] <= 100 and row['ema_val_loss'] > 0
-    assert read_weights_info(tmp_path / 'last.ema.safetensors')['ema'] is True
+    assert read_run_info(tmp_path / 'last.ema.safetensors')['ema'] is True
     no_ema = tmp_path / 'no_ema'
     train(tiny_config(data_dir, no_ema, epochs=1, warmup_epochs=0), progress=False)
     with pytest.raises(ConfigError, match='without EMA'):
@@ -144,7 +148,6 @@ def test_digits_are_embedded_with_a_fixed_split():
 
 
 def test_data_errors_name_the_problem(tmp_path):
-    from crossformer.config import DIGITS
     with pytest.raises(ConfigError, match='does not exist'):
         Trainer(DIGITS.replace(dataset='folder', data_dir=str(tmp_path / 'nope')), progress=False)
     (tmp_path / 'train' / 'a').mkdir(parents=True)
@@ -165,7 +168,6 @@ def _free_port() -> int:
 
 def _ddp_worker(rank: int, world_size: int, port: int, cfg_dict: dict, out: str) -> None:
     from safetensors.torch import save_file
-    from crossformer.config import config_from_dict
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     trainer = train(config_from_dict(cfg_dict), progress=False)

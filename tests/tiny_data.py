@@ -4,7 +4,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from crossformer.config import DIGITS
+from crossformer.train.config import load_config
+
+DIGITS = load_config()
 
 CLASSES = ('checks', 'horizontal', 'vertical')
 

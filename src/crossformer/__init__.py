@@ -3,14 +3,17 @@
 Importing this package registers the models with timm's factory
 (``timm.create_model('crossformer_s')``).
 """
-from .checkpoint import CheckpointError, convert_checkpoint, load_checkpoint, read_checkpoint
-from .layers import CrossEmbedLayer, CrossFormerBlock, DynamicPosBias, GroupAttention, Stage
+from .convert import convert_checkpoint
+from .errors import CheckpointError, ConfigError, CrossFormerError, InputError
+from .layers import CrossEmbedLayer, CrossFormerBlock, DynamicPosBias, GroupAttention, Stage, set_speedups
 from .models import CrossFormer, checkpoint_filter_fn
+from .weights import load_checkpoint, read_checkpoint
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'CrossFormer', 'checkpoint_filter_fn',
+    'CrossFormer', 'checkpoint_filter_fn', 'set_speedups',
     'CrossEmbedLayer', 'DynamicPosBias', 'GroupAttention', 'CrossFormerBlock', 'Stage',
-    'CheckpointError', 'read_checkpoint', 'load_checkpoint', 'convert_checkpoint',
+    'CrossFormerError', 'ConfigError', 'CheckpointError', 'InputError',
+    'read_checkpoint', 'load_checkpoint', 'convert_checkpoint',
 ]

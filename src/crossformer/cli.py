@@ -1,14 +1,27 @@
 """The ``crossformer`` command: train, validate, info, convert, predict, viz.
 
-Each subcommand parses its arguments and calls one function of the library; user mistakes
-(missing files, unknown models or config keys, empty datasets) end with a one-line error and
-exit status 2, not a traceback.
+Each subcommand parses its arguments and calls one function of the library. The library's own
+errors (:class:`~crossformer.errors.CrossFormerError`: missing files, unknown models or config
+keys, empty datasets, unusable checkpoints) end with a one-line error and exit status 2; anything
+else is a bug and keeps its traceback.
 """
 import argparse
 import logging
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+import timm
+
+from . import __version__
+from .convert import convert_checkpoint, convert_to_model_folder
+from .errors import ConfigError, CrossFormerError
+from .info import format_table, measure, variant_names
+from .models import check_variant
+from .predict import load_trained, predict
+from .train import load_config, parse_overrides, resume_config, train, validate
+from .train.engine import default_device
+from .viz import explain, plot_groups
 
 __all__ = ['main', 'build_parser']
 
@@ -25,20 +38,17 @@ examples:
 
 
 def _device(name: Optional[str]) -> str:
-    import torch
-    return name or ('cuda' if torch.cuda.is_available() else 'cpu')
+    return name or default_device()
 
 
 def _size(values: Optional[Sequence[int]], default: int = 224) -> tuple:
     values = list(values or [default])
     if len(values) not in (1, 2) or min(values) < 4:
-        raise ValueError(f'--img-size takes one or two sizes >= 4 (H [W]), got {values}')
+        raise ConfigError(f'--img-size takes one or two sizes >= 4 (H [W]), got {values}')
     return (values[0], values[-1])
 
 
 def cmd_train(args) -> int:
-    from .config import load_config, parse_overrides
-    from .train import resume_config, train
     overrides = parse_overrides(args.overrides)
     for key in ('data_dir', 'output'):
         if getattr(args, key):
@@ -47,7 +57,7 @@ def cmd_train(args) -> int:
         overrides['dataset'] = 'folder'
     if args.resume:
         if args.config:
-            raise ValueError('--resume continues with the config saved in the run; give overrides, not --config')
+            raise ConfigError('--resume continues with the config saved in the run; give overrides, not --config')
         cfg = resume_config(args.resume, overrides)
     else:
         cfg = load_config(args.config, overrides)
@@ -57,25 +67,24 @@ def cmd_train(args) -> int:
         if 'val_top1' in last:
             print(f'done: epoch {trainer.epoch}, val top-1 {last["val_top1"]:.2f}%, top-5 {last["val_top5"]:.2f}%, '
                   f'loss {last["val_loss"]:.4f}; best top-1 {trainer.best["top1"]:.2f}% (epoch {trainer.best["epoch"]})')
-        print(f'checkpoints: {trainer.output}/last.safetensors, {trainer.output}/best.safetensors; '
-              f'metrics: {trainer.output}/metrics.csv, plot: {trainer.output}/metrics.png')
+        print(f'model folder (best epoch): {trainer.output}/ (model.safetensors, config.json, README.md); '
+              f'resume from: {trainer.output}/last.*; metrics: {trainer.output}/metrics.csv, plot: {trainer.output}/metrics.png')
     return 0
 
 
 def cmd_validate(args) -> int:
-    from .inference import load_trained, validate
     device = _device(args.device)
     loaded = load_trained(args.checkpoint, model=args.model, img_size=args.img_size, device=device)
-    result = validate(loaded, args.data_dir, batch_size=args.batch_size, workers=args.workers, device=device,
-                      progress=not args.no_progress)
+    names = loaded.class_names if loaded.info.get('class_names') else None
+    result = validate(loaded.model, args.data_dir, data=loaded.data, class_names=names, batch_size=args.batch_size,
+                      workers=args.workers, device=device, progress=not args.no_progress)
     print(f'{args.checkpoint}: top-1 {result["top1"]:.2f}%  top-5 {result["top5"]:.2f}%  '
           f'loss {result["loss"]:.4f}  ({result["count"]} images)')
     return 0
 
 
 def cmd_info(args) -> int:
-    from .summary import check_model_name, format_table, measure, variant_names
-    names = [check_model_name(args.model)] if args.model else variant_names()
+    names = [check_variant(args.model)] if args.model else variant_names()
     size = _size(args.img_size)
     rows = sorted((measure(name, size) for name in names), key=lambda r: ('pp' in r['name'], r['params']))
     print(format_table(rows))
@@ -85,12 +94,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import convert_checkpoint
-    if args.model:
-        from .summary import check_model_name
-        check_model_name(args.model)
     if Path(args.dst).suffix != '.safetensors':
-        raise ValueError(f'the destination must end in .safetensors, got {args.dst}')
+        if not args.model:
+            raise ConfigError(f'{args.dst} is a model folder: pass --model NAME (or name a .safetensors file)')
+        convert_to_model_folder(args.src, args.dst, args.model)
+        print(f'wrote model folder {args.dst}/ (config.json, model.safetensors, README.md) for {args.model}; '
+              f"load it with timm.create_model('local-dir:{args.dst}', pretrained=True)")
+        return 0
     state_dict = convert_checkpoint(args.src, args.dst, model_name=args.model or '')
     checked = f', checked against {args.model}' if args.model else ''
     print(f'wrote {args.dst}: {len(state_dict)} tensors{checked}')
@@ -98,7 +108,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .inference import load_trained, predict
     device = _device(args.device)
     loaded = load_trained(args.checkpoint, model=args.model, img_size=args.img_size, device=device)
     for image, top in zip(args.images, predict(loaded, args.images, topk=args.topk, device=device)):
@@ -109,21 +118,17 @@ def cmd_predict(args) -> int:
 
 
 def cmd_viz(args) -> int:
-    from .viz import explain, plot_groups
     if args.map_size:
         H, W = _size(args.map_size)
         path = plot_groups(H, W, args.group_size, args.interval, Path(args.output) / f'groups_{H}x{W}.png')
         print(f'wrote {path}')
         return 0
-    from .inference import load_trained
-    from .summary import check_model_name
     if args.checkpoint:
         loaded = load_trained(args.checkpoint, model=args.model)
-        model, name = loaded.model, loaded.info.get('model') or args.model
+        model, name = loaded.model, loaded.info['model']
         size = _size(args.img_size, loaded.img_size)
     else:
-        import timm
-        name = check_model_name(args.model or 'crossformer_s')
+        name = check_variant(args.model or 'crossformer_s')
         model, size = timm.create_model(name).eval(), _size(args.img_size)
         print('note: no --checkpoint, the DPB maps show freshly initialized weights', file=sys.stderr)
     for path in explain(model, size, args.output, name=name):
@@ -132,7 +137,6 @@ def cmd_viz(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     parser = argparse.ArgumentParser(prog='crossformer', description='CrossFormer and CrossFormer++ for timm.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     parser.add_argument('-v', '--verbose', action='store_true', help='log debug messages and show tracebacks')
@@ -168,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, nargs='+', metavar='N', help='H [W] for GMACs and map sizes (default: 224)')
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser('convert', help='a reference checkpoint (.pth) to this library\'s .safetensors')
+    p = sub.add_parser('convert', help='a reference checkpoint (.pth) to .safetensors or to a Hub model folder')
     p.add_argument('src', metavar='SRC', help='checkpoint from github.com/cheerss/CrossFormer (or any state dict)')
-    p.add_argument('dst', metavar='DST', help='output .safetensors file')
+    p.add_argument('dst', metavar='DST', help='output .safetensors file, or a folder: a Hub model folder (needs --model)')
     p.add_argument('--model', metavar='NAME', help='check that the result loads strictly into this variant')
     p.set_defaults(func=cmd_convert)
 
@@ -205,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format='%(message)s')
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:  # ConfigError, CheckpointError...
+    except CrossFormerError as e:
         if args.verbose:
             raise
         print(f'crossformer {args.command}: error: {e}', file=sys.stderr)

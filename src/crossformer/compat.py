@@ -10,13 +10,15 @@ do, with two differences in meaning that this mapping resolves:
   code groups ``I x I`` tokens spaced ``side / I`` apart, the transpose of the paper's
   ``G x G`` tokens spaced ``I`` apart, which is what this library computes.
 """
-from typing import Any, Dict, Sequence, Tuple, Union
+from typing import Any, Dict, Sequence, Union
+
+from timm.layers import to_ntuple
+
+from .errors import ConfigError
 
 __all__ = ['from_vit_pytorch_kwargs']
 
-
-def _per_stage(value, n: int) -> Tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+_per_stage = to_ntuple(4)  # one value for every stage, or one per stage
 
 
 def from_vit_pytorch_kwargs(
@@ -34,20 +36,20 @@ def from_vit_pytorch_kwargs(
         dim_head: int = 32,
 ) -> Dict[str, Any]:
     """Keyword arguments for :class:`crossformer.CrossFormer` from vit-pytorch's constructor arguments."""
-    dims = _per_stage(dim, 4)
+    dims = _per_stage(dim)
     kernels = list(cross_embed_kernel_sizes)
-    strides = _per_stage(cross_embed_strides, 4)
+    strides = _per_stage(cross_embed_strides)
     if any(tuple(k) != tuple(kernels[1]) for k in kernels[2:]) or any(s != 2 for s in strides[1:]):
-        raise ValueError('this library uses one kernel set and stride 2 for every down-sampling; '
+        raise ConfigError('this library uses one kernel set and stride 2 for every down-sampling; '
                          f'got kernels {kernels[1:]} and strides {strides[1:]}')
     return dict(
         in_chans=channels,
         num_classes=num_classes,
         embed_dim=dims,
-        depths=tuple(2 * d for d in _per_stage(depth, 4)),
+        depths=tuple(2 * d for d in _per_stage(depth)),
         num_heads=tuple(d // dim_head for d in dims),
-        group_size=_per_stage(local_window_size, 4),
-        interval=_per_stage(global_window_size, 4),
+        group_size=_per_stage(local_window_size),
+        interval=_per_stage(global_window_size),
         stem_kernel_sizes=tuple(kernels[0]),
         stem_stride=strides[0],
         merge_kernel_sizes=tuple(kernels[1]),

@@ -20,9 +20,8 @@ Weights: no checkpoint is downloaded. Pass a classifier checkpoint published wit
 (https://github.com/cheerss/CrossFormer), or a file of this library's layout, as
 ``pretrained_file`` / ``pretrained_backbone_file``.
 """
-import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
 
 import timm
 import torch
@@ -32,8 +31,10 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7)
 
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from .models.crossformer import CrossFormer, checkpoint_filter_fn
+from .errors import ConfigError
+from .files import PathLike
+from .models.crossformer import CrossFormer
+from .weights import load_checkpoint
 
 __all__ = [
     'CrossFormerBackbone', 'CrossFormerFPN', 'crossformer_fpn_backbone', 'load_backbone_weights',
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 ModelArg = Union[str, CrossFormer]
-PathLike = Union[str, os.PathLike]
 
 # Parameters a backbone uses; the final norm, the classifier and a detector's neck and heads are not.
 BACKBONE_PREFIXES = ('patch_embed.', 'layers.')
@@ -54,12 +54,18 @@ def load_backbone_weights(model: CrossFormer, path: PathLike) -> None:
     (keys under ``backbone.``): keys outside the stem and stages are ignored, every stem and
     stage parameter of ``model`` must be in the file with its shape.
     """
-    state_dict = checkpoint_filter_fn(read_checkpoint(path), model)
-    state_dict = {k: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIXES)}
-    try:
-        load_checkpoint(model, state_dict)
-    except CheckpointError as e:
-        raise CheckpointError(f'{path}: {e}') from e
+    load_checkpoint(model, path, only=BACKBONE_PREFIXES)
+
+
+def _trainable_to_frozen(trainable_stages: Optional[int], num_stages: int) -> int:
+    """torchvision's ``trainable_layers`` counted on CrossFormer (stem + stages, from the last) as
+    the number of leading parts to freeze: -1 none, ``k`` the stem and stages ``0 .. k-1``."""
+    if trainable_stages is None:
+        return -1
+    if not 0 <= trainable_stages <= num_stages + 1:
+        raise ConfigError(f'trainable_stages must be in [0, {num_stages + 1}] (stages from the last; '
+                          f'{num_stages + 1} also trains the patch embedding), got {trainable_stages}')
+    return num_stages - trainable_stages
 
 
 class CrossFormerBackbone(nn.Module):
@@ -80,7 +86,7 @@ class CrossFormerBackbone(nn.Module):
             model: ModelArg = 'crossformer_t',
             *,
             out_indices: Sequence[int] = (0, 1, 2, 3),
-            frozen_stages: int = -1,
+            trainable_stages: Optional[int] = None,
             norm_outputs: bool = False,
             pretrained_file: Optional[PathLike] = None,
             **model_kwargs: Any,
@@ -90,9 +96,10 @@ class CrossFormerBackbone(nn.Module):
             model: a CrossFormer variant name (``'crossformer_t'``, ``'crossformerpp_s'``, ...) or a
                 :class:`CrossFormer`. An instance is used, not copied: it is pruned in place.
             out_indices: the stages whose outputs are returned, increasing, in ``[0, num_stages)``.
-            frozen_stages: -1 freezes nothing; ``k >= 0`` freezes the patch embedding and stages
-                ``0 .. k-1`` (as mmdetection's ``frozen_stages``). Frozen parts get
-                ``requires_grad=False`` and stay in eval mode (no drop-path) under ``train()``.
+            trainable_stages: how many of stem + stages are trained, counted from the last stage, as
+                torchvision's ``trainable_layers``: None or ``num_stages + 1`` trains everything, 0
+                nothing. Frozen parts get ``requires_grad=False`` and stay in eval mode (no
+                drop-path) under ``train()``.
             norm_outputs: add a LayerNorm over channels to each returned map.
             pretrained_file: checkpoint whose stem and stage weights are loaded first
                 (see :func:`load_backbone_weights`).
@@ -102,18 +109,16 @@ class CrossFormerBackbone(nn.Module):
         if isinstance(model, str):
             model = timm.create_model(model, num_classes=0, **model_kwargs)
         elif model_kwargs:
-            raise ValueError(f'model kwargs {sorted(model_kwargs)} can only be used with a variant name, '
+            raise ConfigError(f'model kwargs {sorted(model_kwargs)} can only be used with a variant name, '
                              f'not with a {type(model).__name__} instance')
         if not isinstance(model, CrossFormer):
-            raise ValueError(f'model must be a CrossFormer variant name or a CrossFormer, got {type(model).__name__}')
+            raise ConfigError(f'model must be a CrossFormer variant name or a CrossFormer, got {type(model).__name__}')
         num_stages = len(model.layers)
         out_indices = tuple(out_indices)
         valid = all(isinstance(i, int) and 0 <= i < num_stages for i in out_indices)
         if not out_indices or not valid or list(out_indices) != sorted(set(out_indices)):
-            raise ValueError(f'out_indices must be increasing stage indices in [0, {num_stages - 1}], got {out_indices}')
-        if not -1 <= frozen_stages <= num_stages:
-            raise ValueError(f'frozen_stages must be in [-1, {num_stages}] (-1: none, k: stem and k stages), '
-                             f'got {frozen_stages}')
+            raise ConfigError(f'out_indices must be increasing stage indices in [0, {num_stages - 1}], got {out_indices}')
+        frozen_stages = _trainable_to_frozen(trainable_stages, num_stages)
 
         model.prune_intermediate_layers(list(range(num_stages)), prune_norm=True, prune_head=True)
         if pretrained_file is not None:
@@ -178,16 +183,6 @@ class CrossFormerFPN(nn.Module):
         return self.fpn(self.body(x))
 
 
-def _frozen_stages(trainable_stages: Optional[int], num_stages: int, pretrained: bool) -> int:
-    """torchvision's ``trainable_layers`` counted on CrossFormer: stem + stages, from the last."""
-    if trainable_stages is None:  # as torchvision: all when training from scratch, 3 when pretrained
-        trainable_stages = 3 if pretrained else num_stages + 1
-    if not 0 <= trainable_stages <= num_stages + 1:
-        raise ValueError(f'trainable_stages must be in [0, {num_stages + 1}] (stages from the last; '
-                         f'{num_stages + 1} also trains the patch embedding), got {trainable_stages}')
-    return num_stages - trainable_stages
-
-
 def crossformer_fpn_backbone(
         name: ModelArg = 'crossformer_t',
         *,
@@ -222,13 +217,14 @@ def crossformer_fpn_backbone(
     if isinstance(name, str):
         model = timm.create_model(name, num_classes=0, **(backbone_kwargs or {}))
     elif backbone_kwargs:
-        raise ValueError('backbone_kwargs can only be used with a variant name, not with a model instance')
+        raise ConfigError('backbone_kwargs can only be used with a variant name, not with a model instance')
     else:
         model = name
     if not isinstance(model, CrossFormer):
-        raise ValueError(f'name must be a CrossFormer variant name or a CrossFormer, got {type(model).__name__}')
-    frozen = _frozen_stages(trainable_stages, len(model.layers), pretrained_file is not None)
-    body = CrossFormerBackbone(model, out_indices=returned_stages, frozen_stages=frozen,
+        raise ConfigError(f'name must be a CrossFormer variant name or a CrossFormer, got {type(model).__name__}')
+    if trainable_stages is None and pretrained_file is not None:
+        trainable_stages = 3  # as torchvision: the last stages train on top of pretrained weights
+    body = CrossFormerBackbone(model, out_indices=returned_stages, trainable_stages=trainable_stages,
                                norm_outputs=norm_outputs, pretrained_file=pretrained_file)
     if isinstance(extra_blocks, str):
         if extra_blocks == 'pool':
@@ -236,8 +232,17 @@ def crossformer_fpn_backbone(
         elif extra_blocks == 'p6p7':
             extra_blocks = LastLevelP6P7(body.out_channels[-1], out_channels)
         else:
-            raise ValueError(f"extra_blocks must be 'pool', 'p6p7', an ExtraFPNBlock or None, got {extra_blocks!r}")
+            raise ConfigError(f"extra_blocks must be 'pool', 'p6p7', an ExtraFPNBlock or None, got {extra_blocks!r}")
     return CrossFormerFPN(body, out_channels=out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer)
+
+
+def _detector(detector: Type[nn.Module], name: ModelArg, num_classes: int, trainable_stages: Optional[int],
+              pretrained_backbone_file: Optional[PathLike], norm_outputs: bool,
+              backbone_kwargs: Optional[Dict[str, Any]], detector_kwargs: Dict[str, Any], **fpn: Any) -> nn.Module:
+    backbone = crossformer_fpn_backbone(
+        name, trainable_stages=trainable_stages, pretrained_file=pretrained_backbone_file,
+        norm_outputs=norm_outputs, backbone_kwargs=backbone_kwargs, **fpn)
+    return detector(backbone, num_classes=num_classes, **detector_kwargs)
 
 
 def fasterrcnn_crossformer(
@@ -270,10 +275,8 @@ def fasterrcnn_crossformer(
     ``scores`` ``(D,)``. The detector normalises the images (ImageNet mean and std) and resizes
     them to ``min_size`` / ``max_size`` (800 / 1333 by default).
     """
-    backbone = crossformer_fpn_backbone(
-        name, trainable_stages=trainable_stages, pretrained_file=pretrained_backbone_file,
-        norm_outputs=norm_outputs, backbone_kwargs=backbone_kwargs)
-    return FasterRCNN(backbone, num_classes=num_classes, **detector_kwargs)
+    return _detector(FasterRCNN, name, num_classes, trainable_stages, pretrained_backbone_file, norm_outputs,
+                     backbone_kwargs, detector_kwargs)
 
 
 def maskrcnn_crossformer(
@@ -293,10 +296,8 @@ def maskrcnn_crossformer(
     targets carry ``masks`` ``(N_i, H_i, W_i)`` uint8, detections ``masks`` ``(D, 1, H_i, W_i)``
     float in [0, 1].
     """
-    backbone = crossformer_fpn_backbone(
-        name, trainable_stages=trainable_stages, pretrained_file=pretrained_backbone_file,
-        norm_outputs=norm_outputs, backbone_kwargs=backbone_kwargs)
-    return MaskRCNN(backbone, num_classes=num_classes, **detector_kwargs)
+    return _detector(MaskRCNN, name, num_classes, trainable_stages, pretrained_backbone_file, norm_outputs,
+                     backbone_kwargs, detector_kwargs)
 
 
 def retinanet_crossformer(
@@ -316,7 +317,5 @@ def retinanet_crossformer(
     Arguments, inputs and outputs as :func:`fasterrcnn_crossformer`; ``**detector_kwargs`` go to
     ``torchvision.models.detection.RetinaNet``.
     """
-    backbone = crossformer_fpn_backbone(
-        name, trainable_stages=trainable_stages, returned_stages=(1, 2, 3), extra_blocks='p6p7',
-        pretrained_file=pretrained_backbone_file, norm_outputs=norm_outputs, backbone_kwargs=backbone_kwargs)
-    return RetinaNet(backbone, num_classes=num_classes, **detector_kwargs)
+    return _detector(RetinaNet, name, num_classes, trainable_stages, pretrained_backbone_file, norm_outputs,
+                     backbone_kwargs, detector_kwargs, returned_stages=(1, 2, 3), extra_blocks='p6p7')

@@ -7,7 +7,7 @@ built-in exception a Python user would catch for it (``ValueError``, ``FileNotFo
 """
 
 __all__ = ['CrossFormerError', 'ConfigError', 'CheckpointError', 'InputError', 'MissingFileError',
-           'MissingExtraError']
+           'MissingExtraError', 'DivergedError']
 
 
 class CrossFormerError(Exception):
@@ -32,3 +32,7 @@ class MissingFileError(CrossFormerError, FileNotFoundError):
 
 class MissingExtraError(CrossFormerError, ImportError):
     """An optional dependency that a feature needs is not installed; says which extra brings it."""
+
+
+class DivergedError(CrossFormerError, FloatingPointError):
+    """Training produced a loss that is not finite: a setting (learning rate, clipping) to change."""

@@ -3,47 +3,42 @@
 GMACs are counted by ``torch.utils.flop_counter`` (FLOPs / 2) on a model built on the meta
 device: shapes only, nothing allocated or computed, so every variant at any size is quick. The paper's "FLOPs" are multiply-accumulates.
 """
-import difflib
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
+import timm
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['variant_names', 'check_model_name', 'paper_figures', 'measure', 'format_table']
+from .models import variant_names
+from .models.crossformer import PAPER_RESULTS
 
-
-def variant_names() -> List[str]:
-    import timm
-    return timm.list_models('crossformer*')  # registered when this package was imported
-
-
-def check_model_name(name: str) -> str:
-    """``name`` if it is a CrossFormer variant, else a ValueError naming close matches."""
-    names = variant_names()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        raise ValueError(f'unknown model {name!r}' + (f'; did you mean {", ".join(close)}?' if close else '')
-                         + f' Known: {", ".join(names)}')
-    return name
+__all__ = ['variant_names', 'paper_figures', 'count_gmacs', 'measure', 'format_table']
 
 
 def paper_figures(name: str) -> Dict[str, Optional[float]]:
     """The paper's ImageNet-1k top-1 (%), params (M) and GFLOPs of a variant."""
-    from .models.crossformer import PAPER_RESULTS
     return dict(PAPER_RESULTS.get(name, dict(top1=None, params_m=None, gflops=None)))
+
+
+def count_gmacs(model: nn.Module, img_size: Sequence[int], in_chans: int = 3) -> float:
+    """Multiply-accumulates (G) of one forward of a ``(1, in_chans, H, W)`` image, by ``torch.utils.flop_counter``.
+
+    The model may live on the meta device: then only shapes are computed.
+    """
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.empty(1, in_chans, *img_size, device=device))
+    return counter.get_total_flops() / 2e9
 
 
 def measure(name: str, img_size: Sequence[int] = (224, 224)) -> Dict[str, Any]:
     """Params, GMACs at ``img_size`` (H, W), and per-stage (channels, stride, map size)."""
-    import timm
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device('meta'):  # shapes only: no memory, no initialization
-        model = timm.create_model(name).eval()
+    model = timm.create_model(name, device='meta').eval()  # shapes only: no memory, no initialization
     params = sum(p.numel() for p in model.parameters())
     stages = [dict(channels=f['num_chs'], stride=f['reduction'],
                    size=tuple(-(-s // f['reduction']) for s in img_size)) for f in model.feature_info]
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.empty(1, 3, *img_size, device='meta'))
-    return dict(name=name, params=params, gmacs=counter.get_total_flops() / 2e9, stages=stages,
+    return dict(name=name, params=params, gmacs=count_gmacs(model, img_size), stages=stages,
                 img_size=tuple(img_size), paper=paper_figures(name))
 
 

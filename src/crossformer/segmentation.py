@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
-from .detection import CrossFormerBackbone, ModelArg, PathLike
+from .detection import CrossFormerBackbone, ModelArg
+from .errors import ConfigError
+from .files import PathLike
 
 __all__ = ['FPNSegmentationHead', 'CrossFormerSegmenter']
 
@@ -45,9 +47,9 @@ class FPNSegmentationHead(nn.Module):
         """
         super().__init__()
         if channels % GROUPS:
-            raise ValueError(f'channels must be a multiple of {GROUPS} (GroupNorm groups), got {channels}')
+            raise ConfigError(f'channels must be a multiple of {GROUPS} (GroupNorm groups), got {channels}')
         if num_classes < 1:
-            raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+            raise ConfigError(f'num_classes must be >= 1, got {num_classes}')
         self.fpn = FeaturePyramidNetwork(list(in_channels), channels)
         self.fuse = nn.ModuleList([
             Conv2dNormActivation(channels, channels, 3, norm_layer=partial(nn.GroupNorm, GROUPS))
@@ -80,7 +82,7 @@ class CrossFormerSegmenter(nn.Module):
             num_classes: int,
             channels: int = 128,
             dropout: float = 0.1,
-            frozen_stages: int = -1,
+            trainable_stages: Optional[int] = None,
             pretrained_file: Optional[PathLike] = None,
             **model_kwargs: Any,
     ):
@@ -89,11 +91,11 @@ class CrossFormerSegmenter(nn.Module):
             model: a CrossFormer variant name or a :class:`CrossFormer` instance.
             num_classes: number of classes.
             channels, dropout: see :class:`FPNSegmentationHead`.
-            frozen_stages, pretrained_file, model_kwargs: see :class:`CrossFormerBackbone`.
+            trainable_stages, pretrained_file, model_kwargs: see :class:`CrossFormerBackbone`.
         """
         super().__init__()
         self.backbone = CrossFormerBackbone(
-            model, frozen_stages=frozen_stages, pretrained_file=pretrained_file, **model_kwargs)
+            model, trainable_stages=trainable_stages, pretrained_file=pretrained_file, **model_kwargs)
         self.head = FPNSegmentationHead(self.backbone.out_channels, num_classes, channels=channels, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,11 @@ The group maps use the model's own pure grouping functions, so they show exactly
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
+from .files import atomic_write
 from .layers import group_layout, group_tokens, relative_offsets
 
 __all__ = ['group_ids', 'plot_groups', 'dpb_table', 'plot_dpb', 'explain']
@@ -41,7 +43,6 @@ def _pyplot():
 
 
 def _draw_groups(ax, height: int, width: int, group_size: int, interval: int) -> None:
-    import numpy as np
     ids, G, I = group_ids(height, width, group_size, interval)
     Hp, Wp = ids.shape
     n = int(ids.max()) + 1
@@ -75,7 +76,8 @@ def dpb_table(block: nn.Module, group_size: int) -> torch.Tensor:
     """``(heads, 2G-1, 2G-1)``: the bias of a block's DPB for every offset ``(dh, dw)``."""
     pos = block.attn.pos
     with torch.no_grad():
-        offsets = relative_offsets(group_size, pos.pos_proj.weight.device).to(pos.pos_proj.weight.dtype)
+        ref = next(pos.parameters())
+        offsets = relative_offsets(group_size, ref.device).to(ref.dtype)
         table = pos.table(offsets)  # (2G-1)^2, heads
     side = 2 * group_size - 1
     return table.T.reshape(-1, side, side).float().cpu()
@@ -109,7 +111,6 @@ def plot_dpb(block: nn.Module, group_size: int, path, title: str = '') -> Path:
 
 
 def _save(fig, path) -> Path:
-    from .snapshot import atomic_write
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100, bbox_inches='tight'))
     finally:

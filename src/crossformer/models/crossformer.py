@@ -14,15 +14,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from timm.layers import ClassifierHead, to_ntuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import ClassifierHead, get_device_dtype, to_ntuple, trunc_normal_
+from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 
+from ..errors import CheckpointError, ConfigError, InputError
 from ..layers import CrossEmbedLayer, Stage
+from ..weights import load_checkpoint
 
-__all__ = ['CrossFormer', 'checkpoint_filter_fn', 'PAPER_RESULTS']
+__all__ = ['CrossFormer', 'checkpoint_filter_fn', 'check_file_model_args', 'FILE_MODEL_ARGS', 'PAPER_RESULTS']
 
 WEIGHTS_URL = 'https://github.com/cheerss/CrossFormer#model-zoo'
 
@@ -30,12 +32,12 @@ WEIGHTS_URL = 'https://github.com/cheerss/CrossFormer#model-zoo'
 def check_image(x: torch.Tensor, in_chans: int) -> None:
     """Raise an error naming what is wrong with an input batch: ``(B, in_chans, H, W)`` floats."""
     if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError('expected an image batch of shape (B, ' + str(in_chans) + ', H, W), got shape '
+        raise InputError('expected an image batch of shape (B, ' + str(in_chans) + ', H, W), got shape '
                          + str(list(x.shape)))
     if not x.is_floating_point():
-        raise TypeError('expected a floating-point image batch, got ' + str(x.dtype))
+        raise InputError('expected a floating-point image batch, got ' + str(x.dtype))
     if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError('expected images of at least 1 x 1 pixels (every size from 1 x 1 up is accepted), got '
+        raise InputError('expected images of at least 1 x 1 pixels (every size from 1 x 1 up is accepted), got '
                          + str(x.shape[2]) + ' x ' + str(x.shape[3]))
 
 
@@ -46,7 +48,7 @@ def _stage_settings(embed_dim, depths, num_heads, group_size, interval) -> Tuple
     """Per-stage widths, group sizes and intervals, checked; errors name the argument at fault."""
     num_stages = len(depths)
     if num_stages < 1:
-        raise ValueError('depths must have one entry per stage, got none')
+        raise ConfigError('depths must have one entry per stage, got none')
     if isinstance(embed_dim, (list, tuple)):
         dims = list(embed_dim)
     else:
@@ -55,15 +57,15 @@ def _stage_settings(embed_dim, depths, num_heads, group_size, interval) -> Tuple
                      group_size=to_ntuple(num_stages)(group_size), interval=to_ntuple(num_stages)(interval))
     for name, value in per_stage.items():
         if len(value) != num_stages:
-            raise ValueError(f'{name} has {len(value)} entries but depths has {num_stages} stages')
+            raise ConfigError(f'{name} has {len(value)} entries but depths has {num_stages} stages')
         if not all(isinstance(v, int) for v in value):
-            raise TypeError(f'{name} must be integers, got {tuple(value)}')
+            raise ConfigError(f'{name} must be integers, got {tuple(value)}')
     group_size, interval = per_stage['group_size'], per_stage['interval']
     if min(group_size) < 1 or min(interval) < 1:
-        raise ValueError(f'group_size and interval must be >= 1, got {tuple(group_size)} and {tuple(interval)}')
+        raise ConfigError(f'group_size and interval must be >= 1, got {tuple(group_size)} and {tuple(interval)}')
     for name in ('depths', 'num_heads'):
         if min(per_stage[name]) < 1:
-            raise ValueError(f'{name} must be integers >= 1, got {tuple(per_stage[name])}')
+            raise ConfigError(f'{name} must be integers >= 1, got {tuple(per_stage[name])}')
     return dims, list(group_size), list(interval)
 
 
@@ -72,23 +74,29 @@ def _check_settings(stem_kernel_sizes, merge_kernel_sizes, in_chans, stem_stride
     """The model-wide arguments; widths and heads are checked by the layers that use them."""
     for name, kernels in (('stem_kernel_sizes', stem_kernel_sizes), ('merge_kernel_sizes', merge_kernel_sizes)):
         if len(kernels) == 0:
-            raise ValueError(f'{name} needs at least one kernel size')
+            raise ConfigError(f'{name} needs at least one kernel size')
     if in_chans < 1 or stem_stride < 1:
-        raise ValueError(f'in_chans and stem_stride must be >= 1, got {in_chans} and {stem_stride}')
+        raise ConfigError(f'in_chans and stem_stride must be >= 1, got {in_chans} and {stem_stride}')
     if num_classes < 0:
-        raise ValueError(f'num_classes must be >= 0 (0: no classifier), got {num_classes}')
+        raise ConfigError(f'num_classes must be >= 0 (0: no classifier), got {num_classes}')
     if mlp_ratio <= 0:
-        raise ValueError(f'mlp_ratio must be > 0, got {mlp_ratio}')
+        raise ConfigError(f'mlp_ratio must be > 0, got {mlp_ratio}')
     for name, rate in rates.items():
         if not 0. <= rate <= 1.:
-            raise ValueError(f'{name} must be in [0, 1], got {rate}')
+            raise ConfigError(f'{name} must be in [0, 1], got {rate}')
+
+
+# The stem's kernels: the paper's cross-scale embedding samples 4x4 to 32x32 patches at stride 4.
+STEM_KERNEL_SIZES = (4, 8, 16, 32)
+_DEFAULT_DEPTHS = (2, 2, 6, 2)
 
 
 class CrossFormer(nn.Module):
     """CrossFormer / CrossFormer++ for image classification and dense features.
 
     ``(B, in_chans, H, W) -> (B, num_classes)`` for any ``H, W >= 1``. Stage ``i`` produces a
-    ``ceil(H / 2**(i+2)) x ceil(W / 2**(i+2))`` map with ``dims[i]`` channels.
+    ``ceil(H / r_i) x ceil(W / r_i)`` map with ``dims[i]`` channels, at reduction
+    ``r_i = stem_stride * 2**i`` (``feature_info[i]['reduction']``: 4, 8, 16, 32 by default).
     """
 
     def __init__(
@@ -97,11 +105,11 @@ class CrossFormer(nn.Module):
             num_classes: int = 1000,
             global_pool: str = 'avg',
             embed_dim: Union[int, Sequence[int]] = 96,
-            depths: Sequence[int] = (2, 2, 6, 2),
+            depths: Sequence[int] = _DEFAULT_DEPTHS,
             num_heads: Sequence[int] = (3, 6, 12, 24),
             group_size: Union[int, Sequence[int]] = 7,
             interval: Union[int, Sequence[int]] = (8, 4, 2, 1),
-            stem_kernel_sizes: Sequence[int] = (4, 8, 16, 32),
+            stem_kernel_sizes: Sequence[int] = STEM_KERNEL_SIZES,
             stem_stride: int = 4,
             merge_kernel_sizes: Sequence[int] = (2, 4),
             mlp_ratio: float = 4.,
@@ -111,6 +119,8 @@ class CrossFormer(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.1,
+            device=None,
+            dtype=None,
     ):
         """
         Args:
@@ -122,6 +132,7 @@ class CrossFormer(nn.Module):
             stem_kernel_sizes: kernels of the cross-scale patch embedding.
             merge_kernel_sizes: kernels of the cross-scale down-sampling between stages.
             use_acl: add the CrossFormer++ activation cooling layers.
+            device, dtype: where and in which dtype parameters and buffers are created (timm's factory kwargs).
         """
         super().__init__()
         dims, group_size, interval = _stage_settings(embed_dim, depths, num_heads, group_size, interval)
@@ -129,13 +140,14 @@ class CrossFormer(nn.Module):
                         dict(drop_rate=drop_rate, proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
                              drop_path_rate=drop_path_rate))
         num_stages = len(depths)
+        dd = dict(device=device, dtype=dtype)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.output_fmt = 'NCHW'
         self.num_features = self.head_hidden_size = dims[-1]
 
-        self.patch_embed = CrossEmbedLayer(in_chans, dims[0], stem_kernel_sizes, stride=stem_stride)
+        self.patch_embed = CrossEmbedLayer(in_chans, dims[0], stem_kernel_sizes, stride=stem_stride, **dd)
         total = sum(depths)
         drop_path = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]  # rises linearly block by block
         self.layers = nn.Sequential()
@@ -156,11 +168,12 @@ class CrossFormer(nn.Module):
                 proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate,
                 drop_path=drop_path[sum(depths[:i]):sum(depths[:i + 1])],
+                **dd,
             ))
             reduction *= 2 if i > 0 else 1
             self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f'layers.{i}'))
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.norm = nn.LayerNorm(self.num_features, **dd)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -196,15 +209,20 @@ class CrossFormer(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier (``num_classes=0``: none) on the same device, dtype and train/eval mode."""
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
+
+    @torch.jit.ignore
+    def filter_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """:func:`checkpoint_filter_fn` for this model; :func:`crossformer.load_checkpoint` calls it."""
+        return checkpoint_filter_fn(state_dict, self)
 
     @torch.jit.ignore
     def load_pretrained(self, path: str) -> None:
         """Load a checkpoint file (reference or this library's layout); timm calls this for ``file=``."""
-        from ..checkpoint import load_checkpoint
         load_checkpoint(self, path)
 
     def forward_intermediates(
@@ -228,7 +246,7 @@ class CrossFormer(nn.Module):
             maps, or ``(forward_features(x), maps)``.
         """
         if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+            raise ConfigError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         stages = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[:max_index + 1]
         last = len(self.layers) - 1
@@ -260,7 +278,7 @@ class CrossFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` image -> ``(B, num_features, H/32, W/32)`` normed map (ceil division)."""
+        """``(B, C, H, W)`` image -> ``(B, num_features, ceil(H / r), ceil(W / r))`` normed map, ``r`` the last reduction."""
         check_image(x, self.in_chans)
         x = self.layers(self.patch_embed(x))
         return self.norm(x).permute(0, 3, 1, 2)
@@ -272,33 +290,109 @@ class CrossFormer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer) -> Dict[str, torch.Tensor]:
-    """Map a reference checkpoint (classifier or dense backbone, v1 or ++) to this layout.
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[CrossFormer] = None) -> Dict[str, torch.Tensor]:
+    """Map a state dict of a reference checkpoint (classifier or dense backbone, v1 or ++) to this layout.
 
-    - unwrap ``model`` / ``state_dict`` and strip ``module.`` / ``backbone.`` prefixes;
+    - strip ``module.`` / ``backbone.`` prefixes;
     - drop the derived v1 buffers ``attn.biases`` and ``attn.relative_position_index``;
     - the reference merges at the end of stage i (``layers.i.downsample.reductions``); here
       stage i+1 merges first (``layers.{i+1}.downsample.projs``);
     - ``head.*`` becomes ``head.fc.*``.
-    Files already in this layout pass through unchanged.
+
+    With ``model``, the head follows the model as timm's loaders do: dropped when the model has
+    none, the model's own kept when the file has none or one for another ``num_classes``; and the
+    stem is adapted to another ``in_chans``. Files already in this layout pass through unchanged.
+    Two keys that map to one name raise :class:`~crossformer.errors.CheckpointError`.
     """
-    for key in ('model', 'state_dict'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
     if 'patch_embed.projs.0.weight' not in state_dict:
-        for prefix in ('module.', 'backbone.'):
-            state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+        state_dict = _renamed(state_dict, lambda k: re.sub(r'^(module\.|backbone\.)', '', k))
     reference_layout = any('.downsample.reductions.' in k for k in state_dict)
-    out = {}
-    for k, v in state_dict.items():
-        if k.endswith(('attn.biases', 'attn.relative_position_index')):
-            continue
+
+    def rename(k: str) -> str:
         if reference_layout:
             m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
             if m:
                 k = f'layers.{int(m.group(1)) + 1}.downsample.{m.group(2).replace("reductions.", "projs.")}'
-        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
-        out[k] = v
+        return re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
+
+    derived = ('attn.biases', 'attn.relative_position_index')
+    out = _renamed({k: v for k, v in state_dict.items() if not k.endswith(derived)}, rename)
+    if model is None:
+        return out
+    own = model.state_dict()
+    for k in [k for k in out if k.startswith('head.')]:
+        if k not in own:
+            del out[k]
+    for k in [k for k in own if k.startswith('head.')]:
+        if k not in out or out[k].shape != own[k].shape:
+            out[k] = own[k]
+    for k, v in out.items():
+        if k.startswith('patch_embed.projs.') and k.endswith('.weight') and k in own and v.ndim == 4 \
+                and v.shape[1] != own[k].shape[1] and v.is_floating_point():
+            out[k] = adapt_input_conv(own[k].shape[1], v)
+    return out
+
+
+def _renamed(state_dict: Dict[str, torch.Tensor], rename) -> Dict[str, torch.Tensor]:
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        new = rename(k)
+        if new in out:
+            raise CheckpointError(f'two keys of the checkpoint map to {new!r} (one of them is {k!r}); keep one')
+        out[new] = v
+    return out
+
+
+# Constructor arguments a file may carry (a run's weights metadata, a model folder's config.json),
+# with the range each value must be in: a file describes a model, it never steers loading.
+FILE_MODEL_ARGS: Dict[str, Tuple[type, float, float]] = {
+    'in_chans': (int, 1, 64),
+    'embed_dim': (int, 16, 4096),
+    'depths': (int, 1, 64),
+    'num_heads': (int, 1, 256),
+    'group_size': (int, 1, 64),
+    'interval': (int, 1, 64),
+    'stem_kernel_sizes': (int, 1, 64),
+    'stem_stride': (int, 1, 32),
+    'merge_kernel_sizes': (int, 1, 16),
+    'mlp_ratio': (float, 0.25, 16),
+    'qkv_bias': (bool, 0, 1),
+    'use_acl': (bool, 0, 1),
+    'global_pool': (str, 0, 0),
+    'drop_rate': (float, 0, 1),
+    'proj_drop_rate': (float, 0, 1),
+    'attn_drop_rate': (float, 0, 1),
+    'drop_path_rate': (float, 0, 1),
+}
+MAX_STAGES = 8
+
+
+def check_file_model_args(args: Any, source: str) -> Dict[str, Any]:
+    """``args`` from a file, checked against :data:`FILE_MODEL_ARGS`; a :class:`CheckpointError` names
+    any other key (``pretrained``, ``pretrained_cfg``, ``checkpoint_path``...) or a value out of range."""
+    if not isinstance(args, dict):
+        raise CheckpointError(f'{source}: model arguments must be a mapping, got {type(args).__name__}')
+    unknown = sorted(str(k) for k in args if k not in FILE_MODEL_ARGS)
+    if unknown:
+        raise CheckpointError(f'{source}: refused model arguments {unknown}; a file may set only '
+                              f'{", ".join(FILE_MODEL_ARGS)}')
+    out = {}
+    for key, value in args.items():
+        kind, low, high = FILE_MODEL_ARGS[key]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        per_stage = isinstance(value, (list, tuple))
+        if per_stage and not 1 <= len(values) <= MAX_STAGES:
+            raise CheckpointError(f'{source}: {key} must have 1 to {MAX_STAGES} entries, got {len(values)}')
+        for v in values:
+            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            ok = type(v) is kind and (kind in (bool, str) or low <= v <= high)
+            if kind is str:
+                ok = ok and v in ('avg', 'max', 'avgmax', 'catavgmax', '')
+            if not ok:
+                raise CheckpointError(f'{source}: {key}={value!r} is not a {kind.__name__}'
+                                      + (f' in [{low}, {high}]' if kind in (int, float) else ''))
+        out[key] = tuple(value) if per_stage else value
     return out
 
 
@@ -311,14 +405,14 @@ def _create_crossformer(variant: str, pretrained: bool = False, **kwargs) -> Cro
             # timm resets custom_load for a user's file; keep ours: safe reading of reference files
             kwargs['pretrained_cfg_overlay'] = dict(overlay, custom_load=overlay.get('custom_load', True))
         elif not cfg.get('state_dict'):
-            raise ValueError(
+            raise ConfigError(
                 f'{variant}: the weights published with the paper are not downloaded automatically. Get the file '
                 f'from {WEIGHTS_URL} and pass it: timm.create_model({variant!r}, pretrained=True, '
                 f"pretrained_cfg_overlay=dict(file='path/to/checkpoint.pth'))")
     return build_model_with_cfg(
         CrossFormer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        feature_cfg=dict(out_indices=tuple(range(len(kwargs.get('depths', _DEFAULT_DEPTHS)))), feature_cls='getter'),
         **kwargs,
     )
 
@@ -343,7 +437,7 @@ def _cfg(variant: str) -> Dict[str, Any]:
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
-        'first_conv': tuple(f'patch_embed.projs.{i}' for i in range(4)), 'classifier': 'head.fc',
+        'first_conv': tuple(f'patch_embed.projs.{i}' for i in range(len(STEM_KERNEL_SIZES))), 'classifier': 'head.fc',
         'custom_load': True,
         'license': 'mit', 'origin_url': 'https://github.com/cheerss/CrossFormer',
         'paper_ids': 'arXiv:2303.06908' if plus_plus else 'arXiv:2108.00154',

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from PIL import Image
+from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .config import ConfigError, TrainConfig
+from ..errors import ConfigError, MissingExtraError
+from .config import TrainConfig
 
 __all__ = ['DigitsDataset', 'Datasets', 'build_datasets', 'build_transform', 'train_loader', 'val_loader',
            'VAL_SPLITS']
@@ -32,13 +35,12 @@ class DigitsDataset(Dataset):
 
     def __init__(self, split: str = 'train', transform=None):
         if split not in ('train', 'val'):
-            raise ValueError(f"digits split must be 'train' or 'val', got {split!r}")
+            raise ConfigError(f"digits split must be 'train' or 'val', got {split!r}")
         try:
             from sklearn.datasets import load_digits
         except ImportError:
-            raise ImportError("the embedded digits dataset needs scikit-learn: pip install 'crossformer[train]' "
+            raise MissingExtraError("the embedded digits dataset needs scikit-learn: pip install 'crossformer[train]' "
                               "(or pass --data-dir with an ImageFolder tree)") from None
-        from PIL import Image
         digits = load_digits()
         keep = [i for i in range(len(digits.target)) if (i % 5 == 0) == (split == 'val')]
         pixels = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype('uint8')  # 0..16 -> 0..255
@@ -70,7 +72,6 @@ def _split_dir(root: Path, names: Sequence[str]) -> Path:
 
 
 def _folder(path: Path, transform, class_map: Optional[Dict[str, int]] = None):
-    from timm.data import create_dataset
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise ConfigError(f'{path} has no class folders; expected {path}/CLASS/*.jpg')
@@ -115,7 +116,6 @@ def build_datasets(cfg: TrainConfig, train_transform, val_transform, train: bool
 
 def build_transform(cfg: TrainConfig, data_config: Dict[str, Any], training: bool):
     """timm's train or eval transform; ``data_config`` gives mean, std (see ``resolve_data_config``)."""
-    from timm.data import create_transform
     common = dict(input_size=cfg.img_size, interpolation=cfg.interpolation,
                   mean=tuple(cfg.mean or data_config['mean']), std=tuple(cfg.std or data_config['std']))
     if not training:

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from .snapshot import atomic_write
+from ..files import atomic_write
 
 __all__ = ['write_csv', 'plot_curves', 'COLUMNS']
 
