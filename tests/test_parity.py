@@ -1,12 +1,13 @@
-"""Numerical parity with the reference implementation (../shared/reference)."""
+"""Numerical parity with the reference implementation (tests/reference): with every speed-up, with
+every layer's definition, and with autograd on (the path training and GPUs take)."""
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
-from crossformer import CrossFormer, load_checkpoint
+from crossformer import CrossFormer, load_checkpoint, set_speedups
 
-from conftest import mini_kwargs, set_fused
+from conftest import mini_kwargs
 
 RUNS = [(case, run) for case, runs in {
     'v1_mini': ['cls_224x224', 'cls_288x288', 'dense_256x352', 'dense_224x160', 'dense_96x288'],
@@ -30,15 +31,14 @@ def inputs(reference):
     return load_file(reference / 'inputs.safetensors')
 
 
-@pytest.mark.parametrize('fused', [False, True], ids=['explicit', 'fused'])
+@pytest.mark.parametrize('path', ['speedups', 'definition', 'autograd'])
 @pytest.mark.parametrize('case,run', RUNS)
-def test_matches_reference(case, run, fused, models, cases, inputs, reference):
+def test_matches_reference(case, run, path, models, cases, inputs, reference):
     spec = next(r for r in cases[case]['runs'] if r['run'] == run)
     expected = load_file(reference / cases[case]['expected'])
-    model = models[case]
-    set_fused(model, fused)
+    model = set_speedups(models[case], path != 'definition')
     x = inputs[spec['input']]
-    with torch.no_grad():
+    with torch.set_grad_enabled(path == 'autograd'):
         if spec['kind'] == 'cls':
             torch.testing.assert_close(model(x), expected[f'{run}.logits'], **TOL)
             return

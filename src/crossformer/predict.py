@@ -115,9 +115,10 @@ def _described(path: Path, model: Optional[str]) -> Dict[str, Any]:
     source = str(path)
     if path.is_dir():
         folder = read_model_folder(path)
+        dataset = (read_run_info(folder['weights']) or {}).get('dataset')  # set by crossformer train
         described = dict(name=folder['architecture'], model_args=folder['model_args'],
                          num_classes=folder['num_classes'], weights=folder['weights'],
-                         data=dict(folder['data'], class_names=folder['label_names']))
+                         data=dict(folder['data'], class_names=folder['label_names'], dataset=dataset))
     else:
         raw = read_run_info(existing_file(path, 'checkpoint file')) or {}
         described = dict(name=raw.get('model'), model_args=raw.get('model_kwargs') or {},
