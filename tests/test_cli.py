@@ -201,3 +201,18 @@ def test_user_mistakes_are_one_line_errors(data_dir, capsys, tmp_path):
     for argv, message in cases:
         code, _, err = run(capsys, *argv)
         assert code == 2 and message in err and err.count('\n') == 1, (argv, err)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """Only the library's own errors become one line; anything else, ValueError included, is a bug."""
+    import crossformer.cli as cli
+
+    def broken(*args, **kwargs):
+        raise ValueError('an internal mistake')
+
+    monkeypatch.setattr(cli, 'measure', broken)
+    with pytest.raises(ValueError, match='an internal mistake'):
+        main(['info', 'crossformer_t'])
+    monkeypatch.setattr(cli, 'measure', lambda *a, **k: (_ for _ in ()).throw(cli.ConfigError('a user mistake')))
+    assert main(['info', 'crossformer_t']) == 2
+    assert capsys.readouterr().err == 'crossformer info: error: a user mistake\n'

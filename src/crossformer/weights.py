@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError
@@ -91,7 +92,6 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
 
 def save_weights(path: PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Save ``state_dict`` as ``.safetensors`` (CPU, contiguous copies) with string ``metadata``, atomically."""
-    from safetensors.torch import save_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     meta = dict(metadata or {}, format='pt')
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

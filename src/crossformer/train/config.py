@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+import yaml
+
 from ..errors import ConfigError
 from ..files import did_you_mean
 
@@ -179,7 +181,6 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 def _yaml_value(text: str) -> Any:
-    import yaml
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -221,7 +222,6 @@ def apply_overrides(cfg: TrainConfig, overrides: Mapping[str, Any], source: str 
 
 
 def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
-    import yaml
     path = path.resolve()
     if path in seen:
         raise ConfigError(f'{path}: "base" loops back to itself')
