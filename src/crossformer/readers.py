@@ -23,15 +23,14 @@ import struct
 import sys
 import zlib
 from collections import OrderedDict
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .errors import CheckpointError, ConfigError, MissingFileError
+from .files import PathLike
 
-__all__ = ['InertConfig', 'read_torch_file', 'read_safetensors_file']
-
-PathLike = Union[str, 'os.PathLike[str]']
+__all__ = ['InertConfig', 'read_torch_file', 'read_safetensors_file', 'read_safetensors_metadata']
 
 # Bounds on what a file may make the readers do.
 MAX_PICKLE_BYTES = 64 << 20        # data.pkl of a real checkpoint is a few MB at most
@@ -941,6 +940,19 @@ def read_safetensors_file(path: PathLike, *, max_bytes: Optional[int] = None
             raise CheckpointError(f'{name}: malformed safetensors file ({_short(e)})') from e
 
 
+def read_safetensors_metadata(path: PathLike) -> Dict[str, str]:
+    """The metadata of a safetensors file, its header checked in full as :func:`read_safetensors_file`
+    does, without reading any tensor."""
+    name, f = _open(path, None)
+    with f:
+        try:
+            return _read_safetensors(f, None, with_tensors=False)[1]
+        except _Bad as e:
+            raise CheckpointError(f'{name}: {e}') from None
+        except _MALFORMED as e:
+            raise CheckpointError(f'{name}: malformed safetensors file ({_short(e)})') from e
+
+
 def _no_duplicates(pairs):
     out = {}
     for k, v in pairs:
@@ -954,7 +966,7 @@ def _no_constant(text):
     raise _Bad(f'the header holds the non-JSON number {text}')
 
 
-def _read_safetensors(f, max_bytes: Optional[int]):
+def _read_safetensors(f, max_bytes: Optional[int], with_tensors: bool = True):
     file_size = os.fstat(f.fileno()).st_size
     if file_size == 0:
         raise _Bad('the file is empty')
@@ -1017,7 +1029,7 @@ def _read_safetensors(f, max_bytes: Optional[int]):
         raise _Bad(f'the tensors hold {data_len} bytes, more than max_bytes={max_bytes}')
 
     tensors: Dict[str, torch.Tensor] = {}
-    for begin, end, key, dtype, shape in entries:
+    for begin, end, key, dtype, shape in entries if with_tensors else ():
         buf = bytearray(end - begin)
         _read_into(f, data_start + begin, buf, f'tensor {_describe(key)}')
         tensors[key] = _tensor_from(buf, dtype, f'tensor {_describe(key)}').reshape(shape)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .files import PathLike, atomic_write, existing_file
-from .readers import read_safetensors_file, read_torch_file
+from .readers import read_safetensors_file, read_safetensors_metadata, read_torch_file
 
 __all__ = ['read_checkpoint', 'read_metadata', 'load_checkpoint', 'save_weights', 'validate_tensors',
            'save_run_weights', 'read_run_info', 'RUN_INFO_KEY', 'MAX_BYTES_PER_MODEL_BYTE']
@@ -85,9 +85,9 @@ def read_checkpoint(path: PathLike, max_bytes: Optional[int] = None) -> StateDic
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:
-    """The string metadata of a ``.safetensors`` file (read and checked with its tensors); ``{}`` for others."""
+    """The string metadata of a ``.safetensors`` file (its header, checked); ``{}`` for other files."""
     path = existing_file(path, 'checkpoint file')
-    return read_safetensors_file(path)[1] if path.suffix == '.safetensors' else {}
+    return read_safetensors_metadata(path) if path.suffix == '.safetensors' else {}
 
 
 def save_weights(path: PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> Path:
