@@ -94,7 +94,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    if Path(args.dst).suffix != '.safetensors':
+    dst = Path(args.dst)
+    if dst.suffix not in ('.safetensors', '') and not dst.is_dir():
+        raise ConfigError(f'the destination must end in .safetensors, or be a folder (no suffix), got {dst}')
+    if dst.suffix != '.safetensors':
         if not args.model:
             raise ConfigError(f'{args.dst} is a model folder: pass --model NAME (or name a .safetensors file)')
         convert_to_model_folder(args.src, args.dst, args.model)
