@@ -202,6 +202,19 @@ def _check_key(key, depth: int = 0) -> None:
     raise _Bad(f'refused dict key {_describe(key)}: keys are strings, numbers or tuples of them')
 
 
+# Opcodes whose argument is an unsigned length or memo index, and its little-endian width.
+_UNSIGNED_ARG = {0x71: '<B', 0x68: '<B', 0x8c: '<B', 0x43: '<B',    # BINPUT BINGET SHORT_BINUNICODE SHORT_BINBYTES
+                 0x72: '<I', 0x6a: '<I', 0x58: '<I', 0x42: '<I',    # LONG_BINPUT LONG_BINGET BINUNICODE BINBYTES
+                 0x8d: '<Q', 0x8e: '<Q'}                            # BINUNICODE8 BINBYTES8
+
+
+def _unsigned_arg(data: bytes, pos: int, op: int) -> Tuple[int, int]:
+    """The unsigned argument of opcode ``op`` at ``pos``, and the position after it."""
+    fmt = _UNSIGNED_ARG[op]
+    value, = struct.unpack_from(fmt, data, pos)
+    return value, pos + struct.calcsize(fmt)
+
+
 class _PickleMachine:
     """Runs a torch.save data.pkl. ``storage_spec(pid)`` validates a persistent id against the archive."""
 
@@ -232,38 +245,21 @@ class _PickleMachine:
             try:
                 # --- memo
                 if op == 0x71 or op == 0x72 or op == 0x94:              # BINPUT, LONG_BINPUT, MEMOIZE
-                    if op == 0x71:
-                        idx = data[pos]
-                        pos += 1
-                    elif op == 0x72:
-                        idx, = struct.unpack_from('<I', data, pos)
-                        pos += 4
-                    else:
+                    if op == 0x94:
                         idx = len(memo)
+                    else:
+                        idx, pos = _unsigned_arg(data, pos, op)
                     if idx not in memo and len(memo) >= MAX_MEMO:
                         raise _Bad(f'data.pkl uses more than {MAX_MEMO} memo entries')
                     memo[idx] = stack[-1]
                 elif op == 0x68 or op == 0x6a:                          # BINGET, LONG_BINGET
-                    if op == 0x68:
-                        idx = data[pos]
-                        pos += 1
-                    else:
-                        idx, = struct.unpack_from('<I', data, pos)
-                        pos += 4
+                    idx, pos = _unsigned_arg(data, pos, op)
                     if idx not in memo:
                         raise _Bad(f'pickle memo entry {idx} is read before it is written (byte {at})')
                     stack.append(memo[idx])
                 # --- scalars
                 elif op == 0x58 or op == 0x8c or op == 0x8d:            # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
-                    if op == 0x58:
-                        size, = struct.unpack_from('<I', data, pos)
-                        pos += 4
-                    elif op == 0x8c:
-                        size = data[pos]
-                        pos += 1
-                    else:
-                        size, = struct.unpack_from('<Q', data, pos)
-                        pos += 8
+                    size, pos = _unsigned_arg(data, pos, op)
                     if pos + size > n:
                         raise _Bad(f'a string at byte {at} runs past the end of data.pkl')
                     try:
@@ -272,15 +268,7 @@ class _PickleMachine:
                         raise _Bad(f'the string at byte {at} of data.pkl is not valid UTF-8') from None
                     pos += size
                 elif op == 0x43 or op == 0x42 or op == 0x8e:            # SHORT_BINBYTES, BINBYTES, BINBYTES8
-                    if op == 0x43:
-                        size = data[pos]
-                        pos += 1
-                    elif op == 0x42:
-                        size, = struct.unpack_from('<I', data, pos)
-                        pos += 4
-                    else:
-                        size, = struct.unpack_from('<Q', data, pos)
-                        pos += 8
+                    size, pos = _unsigned_arg(data, pos, op)
                     if pos + size > n:
                         raise _Bad(f'a bytes value at byte {at} runs past the end of data.pkl')
                     stack.append(data[pos:pos + size])
