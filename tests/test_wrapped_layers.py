@@ -136,7 +136,9 @@ def test_lora_training_step_reaches_every_adapter(peft, targets, shape, speedups
         F.cross_entropy(reference(x), labels).backward()
         for n, p in reference.named_parameters():
             if p.requires_grad:
-                torch.testing.assert_close(adapters[n].grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f'{n}: {m}')
+                # reduction order differs between the paths: tolerance relative to the gradient's scale
+                atol = 1e-4 * p.grad.abs().max().item()
+                torch.testing.assert_close(adapters[n].grad, p.grad, rtol=1e-4, atol=atol, msg=lambda m: f'{n}: {m}')
 
 
 # ---- dynamic int8 quantization -------------------------------------------------------------------
