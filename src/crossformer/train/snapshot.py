@@ -276,7 +276,11 @@ def read_snapshot_state(path: PathLike) -> Tuple[Dict[str, Any], Path]:
             return _read_state(c.path / STATE), run_dir
     if legacy is not None:
         return _read_state(legacy, FORMAT_VERSION - 1), run_dir
-    raise SnapshotError(f'{candidates[0].path} is not a complete snapshot: {candidates[0].problem}')
+    raise _none_usable(run_dir, [(c.path.name, c.problem) for c in candidates])
+
+
+def _none_usable(run_dir: Path, skipped: List[Tuple[str, Optional[str]]]) -> SnapshotError:
+    return SnapshotError(f'no usable training snapshot in {run_dir}: ' + '; '.join(f'{name}: {why}' for name, why in skipped))
 
 
 def _read_state(json_path: Path, version: int = FORMAT_VERSION) -> Dict[str, Any]:
@@ -346,8 +350,8 @@ def load_snapshot(path: PathLike) -> Dict[str, Any]:
     ``optimizer_state`` (ready for ``optimizer.load_state_dict``), ``json_path`` and ``skipped``:
     ``(name, reason)`` of every newer snapshot passed over.
     """
-    candidates, legacy, _ = _resolve(path)
-    skipped: List[Tuple[str, str]] = []
+    candidates, legacy, run_dir = _resolve(path)
+    skipped: List[Tuple[str, Optional[str]]] = []
     for c in candidates:
         if c.problem is None:
             try:
@@ -358,4 +362,4 @@ def load_snapshot(path: PathLike) -> Dict[str, Any]:
             skipped.append((c.path.name, c.problem))
     if legacy is not None:
         return dict(_load_legacy(legacy), skipped=skipped)
-    raise SnapshotError('no usable training snapshot: ' + '; '.join(f'{name}: {why}' for name, why in skipped))
+    raise _none_usable(run_dir, skipped)
