@@ -11,7 +11,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Set, Union
 
 from safetensors import SafetensorError
 
@@ -21,6 +21,7 @@ __all__ = ['PathLike', 'WriteError', 'atomic_write', 'atomic_directory', 'fsync_
            'existing_file', 'did_you_mean']
 
 PathLike = Union[str, os.PathLike]
+_BUILDING: Set[Path] = set()  # folders being filled inside atomic_directory
 
 
 class WriteError(CrossFormerError, OSError):
@@ -65,15 +66,20 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
 
     Never half a file, and the new one survives a power loss once this returns. A failure raises
     :class:`WriteError`: the temporary file is removed and ``path`` keeps its old content.
+    Inside a folder that :func:`atomic_directory` is filling, the file is written in place: that
+    folder's rename makes it atomic, its ``fsync`` durable.
     """
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{path.suffix}')
+    in_place = path.parent in _BUILDING
+    tmp = path if in_place else path.with_name(f'.{path.name}.tmp{path.suffix}')
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not in_place:
+            path.parent.mkdir(parents=True, exist_ok=True)
         write(str(tmp))
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent, directory=True)
+        if not in_place:
+            fsync_path(tmp)
+            os.replace(tmp, path)
+            fsync_path(path.parent, directory=True)
     except WriteError:
         raise
     except Exception as e:
@@ -81,7 +87,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
             raise
         raise _write_error(path, e) from e
     finally:
-        remove_tree(tmp)
+        if not in_place:
+            remove_tree(tmp)
     return path
 
 
@@ -100,6 +107,7 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_tree(tmp)  # left by a killed process
         tmp.mkdir()
+        _BUILDING.add(tmp)
         yield tmp
         for file in sorted(tmp.iterdir()):
             fsync_path(file)
@@ -113,6 +121,7 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
             raise
         raise _write_error(path, e) from e
     finally:
+        _BUILDING.discard(tmp)
         remove_tree(tmp)
 
 
