@@ -354,9 +354,6 @@ class Trainer:
                     break
         if rt.distributed:
             dist.barrier()
-        if self.stopped_by and rt.is_main:
-            _logger.info(f'stopped by {signal.Signals(self.stopped_by).name} at epoch {self.epoch}, step {self.step}; '
-                         f'snapshot saved in {self.output / "snapshots"}, continue with --resume {self.output}')
         return self.history
 
     def _fit_epoch(self) -> bool:
