@@ -17,6 +17,7 @@ snapshot replays the epoch's first batches through the data loader (so the loade
 what they drew) without training on them, restores the RNG states and goes on: the result equals
 the uninterrupted run's.
 """
+import functools
 import json
 import logging
 import math
@@ -162,6 +163,8 @@ class Trainer:
         self.stopped_by: Optional[int] = None
         self._partial: Optional[Dict[str, Any]] = None  # where in an epoch a resumed snapshot stopped
         self._stop = _StopRequests(self.rt.is_main)
+        for loader in (self.train_loader, self.val_loader):  # a signal to the process group reaches them too
+            loader.worker_init_fn = functools.partial(_worker_init, loader.worker_init_fn)
         if resume is not None:
             self.load(resume)
 
@@ -479,6 +482,14 @@ class _StopRequests:
         os.kill(os.getpid(), signum)
 
 
+def _worker_init(previous, worker_id: int) -> None:
+    """Data-loader workers ignore SIGINT and SIGTERM: the training process stops them when it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if previous is not None:
+        previous(worker_id)
+
+
 def _rng_states(device: torch.device) -> Dict[str, Any]:
     """This process's RNG states (torch, CUDA, numpy, random) as JSON-able lists."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
@@ -524,6 +535,8 @@ def _check_partial(partial: Any, source: str, updates_per_epoch: int, world_size
         for states in partial['rng']:  # set_* check the states; ours come back below
             if not isinstance(states, dict) or len(states.get('torch', ())) != saved_torch.numel():
                 raise ValueError('torch RNG state of the wrong size')
+            if 'cuda' in states:
+                torch.tensor(states['cuda'], dtype=torch.uint8)  # bytes, else an error
             _set_rng_states(states, torch.device('cpu'))
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise SnapshotError(f'{source}: unusable RNG states ({e})') from None

@@ -135,6 +135,8 @@ def save_snapshot(run_dir: PathLike, model: torch.nn.Module, optimizer: torch.op
     final = root / snapshot_name(step)
     target = root / f'.{final.name}.new' if final.exists() else final  # the same step again: swapped in below
     try:
+        if target != final:
+            remove_tree(target)  # left by a killed swap
         with atomic_directory(target) as tmp:
             save_run_weights(tmp / WEIGHTS, model.state_dict(), {**info, 'step': step})
             if ema is not None:
