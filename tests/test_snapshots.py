@@ -12,6 +12,7 @@ import torch
 
 import crossformer.weights
 from crossformer.cli import main
+from crossformer.errors import CheckpointError
 from crossformer.files import WriteError
 from crossformer.readers import read_safetensors_file
 from crossformer.hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, finish_model_folder, read_model_folder
@@ -280,3 +281,15 @@ def test_a_damaged_rng_state_is_refused(data_dir, tmp_path):
     trainer.save(dict(position=3, loss_sum=[1.0, 12.0], lr=1e-4, seconds=0.5, rng=[dict(torch=[0] * 7)]))
     with pytest.raises(SnapshotError, match='unusable RNG states'):
         Trainer(trainer.cfg, resume=run_dir, progress=False)
+
+
+def test_an_interrupted_model_folder_update_is_refused_then_finished(after_epoch_one, tmp_path):
+    folder = shutil.copytree(after_epoch_one, tmp_path / 'run')
+    pending = folder / '.model-folder.pending'
+    pending.mkdir()
+    (pending / CARD_FILE).write_text('the new card')  # committed, not yet moved: a kill between the moves
+    with pytest.raises(CheckpointError, match='an update of this folder was interrupted'):
+        read_model_folder(folder)
+    finish_model_folder(folder)
+    assert not pending.exists() and (folder / CARD_FILE).read_text() == 'the new card'
+    assert read_model_folder(folder)['num_classes'] == 3
