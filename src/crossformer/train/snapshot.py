@@ -235,7 +235,7 @@ def _legacy_json(path: Path) -> Optional[Path]:
     """The ``last.json`` of a run written before snapshot folders, for ``path`` (run folder or one of its files)."""
     if path.is_dir():
         return path / 'last.json' if (path / 'last.json').is_file() else None
-    if path.suffix in ('.json', '.safetensors') and path.parent.name != SNAPSHOTS_DIR and (path.parent / MANIFEST) != path:
+    if path.suffix in ('.json', '.safetensors') and not _NAME.fullmatch(path.parent.name):
         json_path = path.with_name(path.name.split('.')[0] + '.json')
         return json_path if json_path.is_file() else None
     return None
