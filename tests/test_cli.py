@@ -19,6 +19,7 @@ REFERENCE_PARAMS = dict(
     crossformer_t=27776794, crossformer_s=30657394, crossformer_b=51971554, crossformer_l=91971184,
     crossformerpp_s=23325340, crossformerpp_b=51994594, crossformerpp_l=92001904, crossformerpp_h=95962944)
 COMMANDS = ('train', 'validate', 'info', 'convert', 'predict', 'viz')
+LAST = 'snapshots/step-00000012'  # the tiny run's last snapshot: 2 epochs of 6 updates
 
 
 def run(capsys, *argv):
@@ -63,7 +64,7 @@ def test_python_m_crossformer(capsys, monkeypatch):
 
 
 def test_train_writes_checkpoints_metrics_and_plot(trained, capsys):
-    for name in ('last.safetensors', 'model.safetensors', 'last.json', 'metrics.csv', 'metrics.png'):
+    for name in (f'{LAST}/weights.safetensors', 'model.safetensors', f'{LAST}/state.json', 'metrics.csv', 'metrics.png'):
         assert (trained / name).is_file(), name
     lines = (trained / 'metrics.csv').read_text().splitlines()
     assert lines[0].startswith('epoch,step,lr,train_loss,val_loss,val_top1,val_top5') and len(lines) == 3
@@ -82,7 +83,7 @@ def test_resume_a_finished_run_with_a_longer_schedule(trained, capsys, tmp_path)
 
 def test_validate_reports_the_same_accuracy_as_training(trained, data_dir, capsys):
     last = (trained / 'metrics.csv').read_text().splitlines()[-1].split(',')
-    code, out, err = run(capsys, 'validate', '--checkpoint', trained / 'last.safetensors', '--data-dir', data_dir,
+    code, out, err = run(capsys, 'validate', '--checkpoint', trained / LAST / 'weights.safetensors', '--data-dir', data_dir,
                          '--workers', 0, '--no-progress')
     assert code == 0, err
     top1, top5, loss = map(float, re.search(r'top-1 ([\d.]+)%\s+top-5 ([\d.]+)%\s+loss ([\d.]+)', out).groups())
@@ -181,7 +182,7 @@ def test_viz_writes_group_and_dpb_pictures(trained, capsys, tmp_path):
     code, out, err = run(capsys, 'viz', '--map-size', 8, '--group-size', 4, '--interval', 2, '--output', tmp_path)
     assert code == 0, err
     assert (tmp_path / 'groups_8x8.png').read_bytes()[:4] == b'\x89PNG'
-    code, out, err = run(capsys, 'viz', '--checkpoint', trained / 'last.safetensors', '--output', tmp_path / 'm')
+    code, out, err = run(capsys, 'viz', '--checkpoint', trained / LAST / 'weights.safetensors', '--output', tmp_path / 'm')
     assert code == 0, err
     names = sorted(p.name for p in (tmp_path / 'm').iterdir())
     assert names == sorted([f'groups_stage{i}.png' for i in range(4)] +

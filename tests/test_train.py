@@ -36,10 +36,12 @@ def finished_run(data_dir, tmp_path_factory):
 
 def test_two_epochs_write_metrics_plot_and_checkpoints(finished_run):
     trainer, out = finished_run
-    for name in ('last.safetensors', 'last.optim.safetensors', 'last.json', 'model.safetensors',
-                 'metrics.csv', 'metrics.png'):
+    last = out / 'snapshots' / 'step-00000012'
+    for name in ('snapshots/step-00000012/weights.safetensors', 'snapshots/step-00000012/optimizer.safetensors',
+                 'snapshots/step-00000012/state.json', 'model.safetensors', 'metrics.csv', 'metrics.png'):
         assert (out / name).stat().st_size > 0, name
-    assert not list(out.glob('.*tmp*')), 'temporary files left behind'
+    assert sorted(p.name for p in (out / 'snapshots').iterdir()) == ['step-00000006', 'step-00000012']
+    assert not list(out.glob('.*')) and not list((out / 'snapshots').glob('.*')), 'temporary files left behind'
     rows = list(csv.DictReader((out / 'metrics.csv').open()))
     assert [int(r['epoch']) for r in rows] == [1, 2]
     assert [int(r['step']) for r in rows] == [6, 12]  # 24 images / batch 4
@@ -48,11 +50,11 @@ def test_two_epochs_write_metrics_plot_and_checkpoints(finished_run):
         assert float(r['train_loss']) > 0
     assert (out / 'metrics.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
-    state = json.loads((out / 'last.json').read_text())
-    assert (state['epoch'], state['step']) == (2, 12)
-    info = read_run_info(out / 'last.safetensors')
+    state = json.loads((last / 'state.json').read_text())
+    assert (state['epoch'], state['step'], state['partial']) == (2, 12, None)
+    info = read_run_info(last / 'weights.safetensors')
     assert info['class_names'] == list(CLASSES) and info['num_classes'] == 3 and info['step'] == 12
-    weights = load_file(out / 'last.safetensors')
+    weights = load_file(last / 'weights.safetensors')
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
 
 
@@ -75,12 +77,23 @@ def test_resume_after_one_epoch_matches_uninterrupted_run(finished_run, data_dir
     assert [r['train_loss'] for r in resumed.history] == [r['train_loss'] for r in full.history]
 
 
-def test_snapshot_from_mixed_steps_is_refused(finished_run, tmp_path):
-    _, out = finished_run
-    for name in ('last.json', 'last.safetensors', 'last.optim.safetensors'):
-        (tmp_path / name).write_bytes((out / name).read_bytes())
-    state = json.loads((tmp_path / 'last.json').read_text())
-    (tmp_path / 'last.json').write_text(json.dumps(dict(state, step=7)))
+def _legacy_run(out, tmp_path):
+    """The run's last snapshot in the layout written before snapshot folders: last.json + last.*.safetensors."""
+    last = out / 'snapshots' / 'step-00000012'
+    (tmp_path / 'last.safetensors').write_bytes((last / 'weights.safetensors').read_bytes())
+    (tmp_path / 'last.optim.safetensors').write_bytes((last / 'optimizer.safetensors').read_bytes())
+    state = json.loads((last / 'state.json').read_text())
+    (tmp_path / 'last.json').write_text(json.dumps(dict(state, format_version=1)))
+    return state
+
+
+def test_a_run_of_the_earlier_layout_still_resumes_and_mixed_steps_are_refused(finished_run, tmp_path):
+    full, out = finished_run
+    state = _legacy_run(out, tmp_path)
+    snap = load_snapshot(tmp_path)
+    assert snap['step'] == 12 and snap['json_path'] == str(tmp_path / 'last.json')
+    assert all(torch.equal(snap['weights'][k], v) for k, v in full.model.state_dict().items())
+    (tmp_path / 'last.json').write_text(json.dumps(dict(state, format_version=1, step=7)))
     with pytest.raises(SnapshotError, match='holds step 12'):
         load_snapshot(tmp_path)
     with pytest.raises(SnapshotError, match='no training snapshot'):
@@ -117,7 +130,7 @@ def test_ema_amp_and_gradient_checkpointing_run(data_dir, tmp_path):
     assert all(stage.grad_checkpointing for stage in trainer.model.layers)
     row = trainer.history[-1]
     assert 0 <= row['ema_val_top1'] <= 100 and row['ema_val_loss'] > 0
-    assert read_run_info(tmp_path / 'last.ema.safetensors')['ema'] is True
+    assert read_run_info(tmp_path / 'snapshots' / 'step-00000006' / 'ema.safetensors')['ema'] is True
     no_ema = tmp_path / 'no_ema'
     train(tiny_config(data_dir, no_ema, epochs=1, warmup_epochs=0), progress=False)
     with pytest.raises(ConfigError, match='without EMA'):
@@ -194,4 +207,5 @@ def test_ddp_two_processes_equal_single_process_on_the_same_global_batch(data_di
         torch.testing.assert_close(rank0[k], v, atol=1e-5, rtol=1e-4)
         moved = max(moved, (v - start.state_dict()[k]).abs().max().item())
     assert moved > 1e-3  # the weights did train, so the agreement means something
-    assert json.loads((tmp_path / 'ddp' / 'last.json').read_text())['world_size'] == 2  # rank 0 saved
+    state = json.loads((tmp_path / 'ddp' / 'snapshots' / 'step-00000012' / 'state.json').read_text())
+    assert state['world_size'] == 2  # rank 0 saved

@@ -4,9 +4,14 @@ Each subcommand parses its arguments and calls one function of the library. The 
 errors (:class:`~crossformer.errors.CrossFormerError`: missing files, unknown models or config
 keys, empty datasets, unusable checkpoints) end with a one-line error and exit status 2; anything
 else is a bug and keeps its traceback.
+
+``crossformer train`` stopped by SIGTERM or SIGINT (Ctrl-C) finishes its step, saves a snapshot and
+exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as a shell reports a
+process ended by that signal: a job script requeues the run and continues it with ``--resume``.
 """
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -62,13 +67,19 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, overrides)
     trainer = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if trainer.stopped_by:
+        if trainer.rt.is_main:
+            print(f'crossformer train: stopped by {signal.Signals(trainer.stopped_by).name} at epoch {trainer.epoch}, '
+                  f'step {trainer.step}; snapshot saved, continue with: crossformer train --resume {trainer.output}',
+                  file=sys.stderr)
+        return 128 + trainer.stopped_by
     if trainer.rt.is_main:
         last = trainer.history[-1] if trainer.history else {}
         if 'val_top1' in last:
             print(f'done: epoch {trainer.epoch}, val top-1 {last["val_top1"]:.2f}%, top-5 {last["val_top5"]:.2f}%, '
                   f'loss {last["val_loss"]:.4f}; best top-1 {trainer.best["top1"]:.2f}% (epoch {trainer.best["epoch"]})')
         print(f'model folder (best epoch): {trainer.output}/ (model.safetensors, config.json, README.md); '
-              f'resume from: {trainer.output}/last.*; metrics: {trainer.output}/metrics.csv, plot: {trainer.output}/metrics.png')
+              f'resume from: {trainer.output}/snapshots/; metrics: {trainer.output}/metrics.csv, plot: {trainer.output}/metrics.png')
     return 0
 
 
@@ -152,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--config', metavar='FILE', help='YAML recipe (configs/*.yaml); default: the embedded digits recipe')
     p.add_argument('--data-dir', metavar='DIR', help='ImageFolder tree with train/ and val/ (default: embedded digits)')
     p.add_argument('--output', metavar='DIR', help='where checkpoints, metrics.csv and metrics.png go')
-    p.add_argument('--resume', metavar='RUN', help='continue a run: its output directory or its last.json')
+    p.add_argument('--resume', metavar='RUN', help='continue a run from its newest complete snapshot: its output directory '
+                                                 '(or one snapshots/step-N folder)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     p.add_argument('overrides', nargs='*', metavar='KEY=VALUE', help='config overrides; they win over the file')
     p.set_defaults(func=cmd_train)

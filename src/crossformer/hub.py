@@ -14,23 +14,32 @@ A folder holds three files:
 (``huggingface_hub.upload_folder``). Keeping ``num_classes`` out of ``model_args`` is what lets
 both load it: transformers passes ``num_classes`` itself. This library's own commands read a
 folder through :func:`read_model_folder`: every field checked, weights through the safe loader.
+
+:func:`write_model_folder` replaces the three files together: it writes them into
+``.model-folder.pending.tmp/``, ``fsync``-s them and renames that folder to ``.model-folder.pending/``
+(the commit point), then moves each file into place (:func:`finish_model_folder`). A process killed
+before the commit point leaves the old folder as it was; one killed after it leaves the pending
+folder, whose files the next write (or ``crossformer train --resume``) moves into place, and which
+:func:`read_model_folder` refuses to read around.
 """
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from .errors import CheckpointError
-from .files import PathLike, atomic_write
+from .files import PathLike, WriteError, atomic_directory, atomic_write, fsync_path
 from .models.crossformer import PAPER_RESULTS, check_file_model_args
 from .weights import save_weights
 
 __all__ = ['CONFIG_FILE', 'WEIGHTS_FILE', 'CARD_FILE', 'write_model_folder', 'read_model_folder', 'model_card',
-           'is_model_folder']
+           'is_model_folder', 'finish_model_folder']
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = 'config.json', 'model.safetensors', 'README.md'
+PENDING_DIR = '.model-folder.pending'
 MAX_CONFIG_BYTES = 1 << 20
 _PAPERS = {'crossformer': ('2108.00154', 'CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale Attention'),
            'crossformerpp': ('2303.06908', 'CrossFormer++: A Versatile Vision Transformer Hinging on Cross-scale Attention')}
@@ -68,7 +77,8 @@ def write_model_folder(directory: PathLike, state_dict: Mapping[str, torch.Tenso
                        model_args: Mapping[str, Any], num_classes: int, data: Mapping[str, Any],
                        label_names: Optional[Sequence[str]] = None, card: Optional[str] = None,
                        metadata: Optional[Mapping[str, str]] = None) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and ``README.md`` into ``directory`` (atomically each).
+    """Write ``config.json``, ``model.safetensors`` and ``README.md`` (with ``card``) into ``directory``,
+    all replaced together (see the module's docstring); a failure leaves the folder as it was.
 
     ``data``: ``img_size``, ``interpolation``, ``crop_pct``, ``mean``, ``std`` of the eval transform.
     ``model_args`` must pass :func:`~crossformer.models.crossformer.check_file_model_args`.
@@ -88,11 +98,36 @@ def write_model_folder(directory: PathLike, state_dict: Mapping[str, torch.Tenso
                                   pretrained_cfg=pretrained_cfg)
     if label_names is not None:
         config['label_names'] = list(label_names)
-    save_weights(directory / WEIGHTS_FILE, state_dict, metadata)
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + '\n'))
-    if card is not None:
-        atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(card))
+    finish_model_folder(directory)  # an earlier update that a kill interrupted goes first
+    with atomic_directory(directory / PENDING_DIR) as staging:
+        save_weights(staging / WEIGHTS_FILE, state_dict, metadata)
+        atomic_write(staging / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + '\n'))
+        if card is not None:
+            atomic_write(staging / CARD_FILE, lambda tmp: Path(tmp).write_text(card))
+    finish_model_folder(directory)
     return directory
+
+
+def _pending(directory: Path) -> Optional[Path]:
+    pending = directory / PENDING_DIR
+    return pending if pending.is_dir() and not pending.is_symlink() else None
+
+
+def finish_model_folder(directory: PathLike) -> None:
+    """Move the files of a committed update (``.model-folder.pending/``) into place, if there is one."""
+    directory = Path(directory)
+    pending = _pending(directory)
+    if pending is None:
+        return
+    try:
+        for name in (CONFIG_FILE, CARD_FILE, WEIGHTS_FILE):
+            if (pending / name).is_file():
+                os.replace(pending / name, directory / name)
+        fsync_path(directory, directory=True)
+        os.rmdir(pending)
+        fsync_path(directory, directory=True)
+    except OSError as e:
+        raise WriteError(f'cannot finish the update of {directory} from {pending.name}/: {e.strerror or e}') from e
 
 
 def _finite_numbers(values: Any, n: int, source: str, key: str, positive: bool = False) -> List[float]:
@@ -114,6 +149,11 @@ def read_model_folder(directory: PathLike) -> Dict[str, Any]:
     directory = Path(directory)
     config_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     source = str(config_path)
+    pending = _pending(directory)
+    if pending is not None and any(pending.iterdir()):
+        raise CheckpointError(f'{directory}: an update of this folder was interrupted ({PENDING_DIR}/ is there); '
+                              f'crossformer train --resume {directory} (or crossformer.hub.finish_model_folder) '
+                              f'completes it')
     for path in (config_path, weights):
         if not path.is_file():
             raise CheckpointError(f'{directory}: not a model folder, {path.name} is missing')

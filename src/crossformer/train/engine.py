@@ -8,16 +8,30 @@ Distributed: launched with ``torchrun``, every process trains on its share of ea
 in ``DistributedDataParallel``; rank 0 alone logs, draws and saves. Every process reseeds at the
 start of each epoch from ``(seed, epoch, rank)``, so a run resumed at an epoch boundary repeats
 exactly what the uninterrupted run would have done.
+
+Snapshots (:mod:`.snapshot`) are taken at the end of every epoch, and inside an epoch when SIGTERM
+or SIGINT asks the run to stop: the current step finishes, all ranks agree to stop (one
+``all_reduce`` of a flag per step), rank 0 writes a snapshot holding the position in the epoch and
+every rank's RNG states, and :meth:`Trainer.fit` returns with ``stopped_by`` set. Resuming such a
+snapshot replays the epoch's first batches through the data loader (so the loader's workers draw
+what they drew) without training on them, restores the RNG states and goes on: the result equals
+the uninterrupted run's.
 """
+import functools
 import json
 import logging
 import math
+import os
+import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
@@ -30,14 +44,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..errors import ConfigError, CrossFormerError, DivergedError
-from ..hub import CARD_FILE, WEIGHTS_FILE, is_model_folder, model_card, write_model_folder
+from ..errors import CheckpointError, ConfigError, DivergedError
+from ..files import atomic_write
+from ..hub import CARD_FILE, WEIGHTS_FILE, finish_model_folder, is_model_folder, model_card, write_model_folder
 from ..models import check_variant, create_model, default_normalization
 from ..weights import RUN_INFO_KEY, load_checkpoint, save_run_weights
 from .config import TrainConfig, apply_overrides, config_from_dict
 from .data import build_datasets, build_transform, train_loader, val_loader
 from .metrics import plot_curves, write_csv
-from .snapshot import load_snapshot, save_snapshot, snapshot_json_path
+from .snapshot import SnapshotError, load_snapshot, read_snapshot_state, save_snapshot
 
 __all__ = ['Trainer', 'train', 'evaluate', 'validate', 'resume_config', 'Runtime', 'default_device']
 
@@ -116,20 +131,21 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, cfg: Optional[TrainConf
 
 
 def resume_config(path, overrides: Optional[Mapping[str, Any]] = None) -> TrainConfig:
-    """The config saved in a snapshot (``path``: run directory or its ``last.json``) plus ``overrides``.
+    """The config saved in the snapshot ``--resume path`` takes (``path``: a run directory, one of its
+    ``snapshots/step-N`` folders, or a legacy ``last.json``) plus ``overrides``.
 
-    ``output`` becomes the snapshot's directory unless overridden.
+    ``output`` becomes the run directory unless overridden.
     """
-    json_path = snapshot_json_path(path)
-    saved = json.loads(json_path.read_text())['config']
-    cfg = config_from_dict(dict(saved, output=str(json_path.parent)))
+    state, run_dir = read_snapshot_state(path)
+    cfg = config_from_dict(dict(state['config'], output=str(run_dir)))
     return apply_overrides(cfg, overrides or {})
 
 
 class Trainer:
     """Builds model, data, optimizer and schedule from a :class:`TrainConfig`, then :meth:`fit`.
 
-    ``resume``: a run directory (or its ``last.json``) to continue from.
+    ``resume``: a run directory (or one of its snapshots) to continue from. After :meth:`fit`,
+    ``stopped_by`` is the signal number that stopped it early (a snapshot was written), else None.
     """
 
     def __init__(self, cfg: TrainConfig, resume=None, progress: bool = True):
@@ -144,6 +160,11 @@ class Trainer:
         self.step = 0  # optimizer updates completed
         self.history: List[Dict[str, Any]] = []
         self.best = dict(top1=-1.0, epoch=-1)
+        self.stopped_by: Optional[int] = None
+        self._partial: Optional[Dict[str, Any]] = None  # where in an epoch a resumed snapshot stopped
+        self._stop = _StopRequests(self.rt.is_main)
+        for loader in (self.train_loader, self.val_loader):  # a signal to the process group reaches them too
+            loader.worker_init_fn = functools.partial(_worker_init, loader.worker_init_fn)
         if resume is not None:
             self.load(resume)
 
@@ -210,14 +231,20 @@ class Trainer:
                     interpolation=cfg.interpolation, crop_pct=cfg.crop_pct, mean=self.mean, std=self.std,
                     epoch=self.epoch)
 
-    def save(self, name: str = 'last') -> Path:
+    def save(self, partial: Optional[Dict[str, Any]] = None) -> Path:
+        """Write ``snapshots/step-N/`` (rank 0); ``partial``: where inside an epoch, for a stop mid-epoch."""
         state = dict(epoch=self.epoch, step=self.step, config=self.cfg.to_dict(), best=self.best,
-                     history=self.history, world_size=self.rt.world_size, scaler=self.scaler.state_dict())
-        return save_snapshot(self.output, name, self.model, self.optimizer, self.weights_info(), state,
+                     history=self.history, world_size=self.rt.world_size, scaler=self.scaler.state_dict(),
+                     partial=partial)
+        return save_snapshot(self.output, self.model, self.optimizer, self.weights_info(), state,
                              ema=self.ema.module if self.ema is not None else None)
 
     def load(self, path) -> None:
         snap = load_snapshot(path)
+        if self.rt.is_main:
+            for name, why in snap['skipped']:
+                _logger.warning(f'skipped snapshot {name}: {why}')
+            finish_model_folder(self.output)  # a model-folder update that a kill interrupted
         self.model.load_state_dict(snap['weights'])
         if self.ema is not None:
             if snap['ema_weights'] is None:
@@ -228,23 +255,38 @@ class Trainer:
             self.scaler.load_state_dict(snap['scaler'])
         self.epoch, self.step = snap['epoch'], snap['step']
         self.history, self.best = snap['history'], snap['best']
-        if self.step != self.epoch * self.updates_per_epoch:
+        self._partial = _check_partial(snap.get('partial'), snap['json_path'], self.updates_per_epoch,
+                                       self.rt.world_size)
+        position = self._partial['position'] if self._partial else 0
+        if self.step != self.epoch * self.updates_per_epoch + position:
             raise ConfigError(f'{snap["json_path"]}: step {self.step} is not epoch {self.epoch} x '
-                              f'{self.updates_per_epoch} updates; the batch size or world size changed '
+                              f'{self.updates_per_epoch} updates + {position}; the batch size or world size changed '
                               f'(saved with world size {snap.get("world_size")})')
         self.scheduler.step_update(self.step)
         if self.rt.is_main:
-            _logger.info(f'resumed from {snap["json_path"]} at epoch {self.epoch}, step {self.step}')
+            within = f' ({position} of {self.updates_per_epoch} updates into epoch {self.epoch + 1})' if position else ''
+            _logger.info(f'resumed from {Path(snap["json_path"]).parent} at epoch {self.epoch}, step {self.step}{within}')
 
     # ---- loop --------------------------------------------------------------------------------
-    def train_one_epoch(self) -> Dict[str, float]:
+    def train_one_epoch(self, partial: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """One epoch (from ``partial['position']`` on, for a snapshot taken inside it): ``train_loss``,
+        or, when a stop was requested, ``position`` (updates done in the epoch), ``loss_sum`` and ``rng``."""
         cfg, rt, model = self.cfg, self.rt, self.ddp_model
         seed_everything(cfg.seed, self.epoch, rt.rank)
         self.train_loader.sampler.set_epoch(self.epoch)
         model.train()
         loss_sum = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss sum, count
-        bar = tqdm(self.train_loader, desc=f'epoch {self.epoch + 1}/{cfg.epochs}', leave=False,
-                   disable=None if self.progress and rt.is_main else True, dynamic_ncols=True)  # None: tty only
+        done = 0  # updates done in this epoch
+        batches = iter(self.train_loader)
+        if partial:  # replay the batches already trained on: the loader (and its workers) draw what they drew
+            for _ in range(partial['position']):
+                next(batches)
+            done = partial['position']
+            if rt.is_main:  # the sum over all ranks so far; the others add their share of the rest
+                loss_sum += torch.tensor(partial['loss_sum'], dtype=torch.float64, device=rt.device)
+            _set_rng_states(partial['rng'][rt.rank], rt.device)
+        bar = tqdm(batches, desc=f'epoch {self.epoch + 1}/{cfg.epochs}', leave=False, total=self.updates_per_epoch,
+                   initial=done, disable=None if self.progress and rt.is_main else True, dynamic_ncols=True)  # None: tty only
         for images, targets in bar:
             images, targets = images.to(rt.device, non_blocking=True), targets.to(rt.device, non_blocking=True)
             if self.mixup is not None:
@@ -266,15 +308,37 @@ class Trainer:
                 self.ema.update(self.model, step=self.step)
             loss_sum += torch.stack([loss.detach().double() * len(images), torch.tensor(len(images), dtype=torch.float64, device=rt.device)])
             bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{self.optimizer.param_groups[0]["lr"]:.2e}', refresh=False)
+            done += 1
+            if done < self.updates_per_epoch and self._stop_agreed():
+                bar.close()
+                if rt.distributed:
+                    dist.all_reduce(loss_sum)
+                    states: List[Any] = [None] * rt.world_size
+                    dist.all_gather_object(states, _rng_states(rt.device))
+                else:
+                    states = [_rng_states(rt.device)]
+                return dict(position=done, loss_sum=loss_sum.tolist(), rng=states)
         bar.close()
         if rt.distributed:
             dist.all_reduce(loss_sum)
         return dict(train_loss=(loss_sum[0] / loss_sum[1]).item())
 
+    def _stop_agreed(self) -> bool:
+        """Whether a signal asked to stop, on any rank (every rank calls this at the same points)."""
+        signum = self._stop.signum or 0
+        if self.rt.distributed:
+            flag = torch.tensor([signum], dtype=torch.int64, device=self.rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:
+            self.stopped_by = self._stop.signum or signum
+        return bool(signum)
+
     def fit(self, stop_after: Optional[int] = None) -> List[Dict[str, Any]]:
         """Train until ``cfg.epochs`` (or stop once ``stop_after`` epochs are done); returns the history.
 
-        Stopping early leaves a snapshot that ``resume`` continues on the same schedule.
+        Stopping early (``stop_after``, or SIGTERM/SIGINT: see ``stopped_by``) leaves a snapshot that
+        ``resume`` continues on the same schedule. The signal handlers are installed only while this runs.
         """
         cfg, rt = self.cfg, self.rt
         last_epoch = min(cfg.epochs, stop_after) if stop_after is not None else cfg.epochs
@@ -287,38 +351,55 @@ class Trainer:
                 f'lr {cfg.lr * self.lr_scale:.3g}; output {self.output}')
             if self.epoch >= cfg.epochs:
                 _logger.info(f'nothing to do: {self.epoch} of {cfg.epochs} epochs are done')
-        while self.epoch < last_epoch:
-            start = time.perf_counter()
-            row: Dict[str, Any] = dict(epoch=self.epoch + 1, lr=self.optimizer.param_groups[0]['lr'])
-            row.update(self.train_one_epoch())
-            seconds = time.perf_counter() - start
-            self.epoch += 1
-            row.update(step=self.step, epoch_seconds=seconds,
-                       images_per_second=self.updates_per_epoch * cfg.batch_size * rt.world_size / seconds)
-            if self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs:
-                row.update({f'val_{k}': v for k, v in evaluate(self.model, self.val_loader, rt, cfg).items() if k != 'count'})
-                if self.ema is not None:
-                    row.update({f'ema_val_{k}': v for k, v in evaluate(self.ema.module, self.val_loader, rt, cfg).items()
-                                if k != 'count'})
-            self.history.append(row)
-            self._report(row)
+        with self._stop:
+            while self.epoch < last_epoch:
+                if not self._fit_epoch() or self._stop_agreed():
+                    break
         if rt.distributed:
             dist.barrier()
         return self.history
 
-    def _save_model_folder(self, row: Dict[str, Any]) -> None:
-        """The best weights as ``model.safetensors``, with ``config.json``: the run directory is a Hub
-        model folder (:mod:`crossformer.hub`). A model that is not a CrossFormer variant with
-        allow-listed arguments gets the weights file alone."""
+    def _fit_epoch(self) -> bool:
+        """Train one epoch (or its rest), validate, save; False when a stop request ended it early."""
+        cfg, rt = self.cfg, self.rt
+        start = time.perf_counter()
+        partial, self._partial = self._partial, None
+        lr = partial['lr'] if partial else self.optimizer.param_groups[0]['lr']
+        result = self.train_one_epoch(partial)
+        seconds = time.perf_counter() - start + (partial['seconds'] if partial else 0.0)
+        if 'position' in result:
+            if rt.is_main:
+                self.save(dict(result, lr=lr, seconds=seconds))
+            if rt.distributed:
+                dist.barrier()  # the others wait for rank 0's snapshot
+            return False
+        row: Dict[str, Any] = dict(epoch=self.epoch + 1, lr=lr, **result)
+        self.epoch += 1
+        row.update(step=self.step, epoch_seconds=seconds,
+                   images_per_second=self.updates_per_epoch * cfg.batch_size * rt.world_size / seconds)
+        if self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs:
+            row.update({f'val_{k}': v for k, v in evaluate(self.model, self.val_loader, rt, cfg).items() if k != 'count'})
+            if self.ema is not None:
+                row.update({f'ema_val_{k}': v for k, v in evaluate(self.ema.module, self.val_loader, rt, cfg).items()
+                            if k != 'count'})
+        self.history.append(row)
+        self._report(row)
+        return True
+
+    def _save_model_folder(self, row: Dict[str, Any], card: str) -> None:
+        """The best weights as ``model.safetensors``, with ``config.json`` and the card ``README.md``,
+        all three replaced together: the run directory is a Hub model folder (:mod:`crossformer.hub`).
+        A model that is not a CrossFormer variant with allow-listed arguments gets the weights file alone."""
         cfg = self.cfg
         info = dict(self.weights_info(), step=self.step, val_top1=row['val_top1'])
         data = dict(img_size=cfg.img_size, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct,
                     mean=self.mean, std=self.std)
         try:
-            write_model_folder(self.output, self.model.state_dict(), architecture=check_variant(cfg.model),
+            architecture = check_variant(cfg.model)
+            write_model_folder(self.output, self.model.state_dict(), architecture=architecture,
                                model_args=cfg.model_kwargs, num_classes=len(self.data.class_names), data=data,
-                               label_names=self.data.class_names, metadata={RUN_INFO_KEY: json.dumps(info)})
-        except CrossFormerError as e:
+                               label_names=self.data.class_names, card=card, metadata={RUN_INFO_KEY: json.dumps(info)})
+        except (ConfigError, CheckpointError) as e:  # not a write error: those stop the run
             _logger.warning(f'{self.output} is not a model folder ({e}); writing {WEIGHTS_FILE} alone')
             save_run_weights(self.output / WEIGHTS_FILE, self.model.state_dict(), info)
 
@@ -343,14 +424,15 @@ class Trainer:
         improved = row.get('val_top1', -1.0) > self.best['top1']
         if improved:
             self.best = dict(top1=row['val_top1'], epoch=self.epoch)
-        self.save('last')
+        self.save()
         if improved:
-            self._save_model_folder(row)
-        if is_model_folder(self.output):
-            (self.output / CARD_FILE).write_text(self._card(row))
-        write_csv(self.output / 'metrics.csv', self.history)
+            self._save_model_folder(row, self._card(row))
+        elif is_model_folder(self.output):
+            atomic_write(self.output / CARD_FILE, lambda tmp: Path(tmp).write_text(self._card(row)))
+        atomic_write(self.output / 'metrics.csv', lambda tmp: write_csv(tmp, self.history))
         try:
-            plot_curves(self.output / 'metrics.png', self.history, title=f'{self.cfg.model} ({self.cfg.dataset})')
+            atomic_write(self.output / 'metrics.png', lambda tmp: plot_curves(
+                tmp, self.history, title=f'{self.cfg.model} ({self.cfg.dataset})'))
         except ImportError:
             _logger.warning('matplotlib is not installed: no metrics.png (pip install matplotlib)')
         parts = [f'epoch {self.epoch}/{self.cfg.epochs}', f'train_loss {row["train_loss"]:.4f}']
@@ -364,6 +446,105 @@ class Trainer:
     def close(self) -> None:
         if self.rt.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _StopRequests:
+    """While training: the first SIGTERM or SIGINT asks to stop after the current step (a snapshot is
+    written), a second one stops at once. The previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, verbose: bool = True):
+        self.verbose, self.signum, self._previous = verbose, None, {}
+
+    def __enter__(self) -> '_StopRequests':
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if self.verbose:
+                _logger.warning(f'{signal.Signals(signum).name}: stopping after this step and saving a snapshot '
+                                f'(send it again to stop at once)')
+            return
+        self.__exit__()  # the second signal: the previous handler (by default, end the process) takes it
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _worker_init(previous, worker_id: int) -> None:
+    """Data-loader workers ignore SIGINT and SIGTERM: the training process stops them when it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if previous is not None:
+        previous(worker_id)
+
+
+def _rng_states(device: torch.device) -> Dict[str, Any]:
+    """This process's RNG states (torch, CUDA, numpy, random) as JSON-able lists."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states = dict(torch=torch.get_rng_state().tolist(), numpy=[name, key.tolist(), pos, has_gauss, gauss],
+                  python=[version, list(internal), gauss_next])
+    if device.type == 'cuda':
+        states['cuda'] = torch.cuda.get_rng_state(device).tolist()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any], device: torch.device) -> None:
+    """Restore what :func:`_rng_states` returned (checked by :func:`_check_partial`)."""
+    torch.set_rng_state(torch.tensor(states['torch'], dtype=torch.uint8))
+    name, key, pos, has_gauss, gauss = states['numpy']
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states['python']
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == 'cuda' and 'cuda' in states:
+        torch.cuda.set_rng_state(torch.tensor(states['cuda'], dtype=torch.uint8), device)
+
+
+def _check_partial(partial: Any, source: str, updates_per_epoch: int, world_size: int) -> Optional[Dict[str, Any]]:
+    """The ``partial`` entry of a snapshot taken inside an epoch, every field checked (None: at an epoch's end)."""
+    if partial is None:
+        return None
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    ok = (isinstance(partial, dict) and isinstance(partial.get('position'), int)
+          and 0 < partial['position'] < updates_per_epoch and number(partial.get('lr')) and number(partial.get('seconds'))
+          and isinstance(partial.get('loss_sum'), list) and len(partial['loss_sum']) == 2
+          and all(number(v) for v in partial['loss_sum']) and isinstance(partial.get('rng'), list))
+    if not ok:
+        raise SnapshotError(f'{source}: "partial" must hold position (0 < p < {updates_per_epoch}), lr, seconds, '
+                            f'loss_sum and rng')
+    if len(partial['rng']) != world_size:
+        raise ConfigError(f'{source} was taken inside an epoch by {len(partial["rng"])} process(es): resume it with '
+                          f'as many, or from a snapshot taken at the end of an epoch')
+    saved_torch, saved_np, saved_py = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        for states in partial['rng']:  # set_* check the states; ours come back below
+            if not isinstance(states, dict) or len(states.get('torch', ())) != saved_torch.numel():
+                raise ValueError('torch RNG state of the wrong size')
+            if 'cuda' in states:
+                torch.tensor(states['cuda'], dtype=torch.uint8)  # bytes, else an error
+            _set_rng_states(states, torch.device('cpu'))
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise SnapshotError(f'{source}: unusable RNG states ({e})') from None
+    finally:
+        torch.set_rng_state(saved_torch)
+        np.random.set_state(saved_np)
+        random.setstate(saved_py)
+    return partial
 
 
 def train(cfg: TrainConfig, resume=None, progress: bool = True) -> Trainer:
