@@ -13,7 +13,7 @@ import torch
 import crossformer.weights
 from crossformer.cli import main
 from crossformer.errors import CheckpointError
-from crossformer.files import WriteError
+from crossformer.errors import WriteError
 from crossformer.readers import read_safetensors_file
 from crossformer.hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, finish_model_folder, read_model_folder
 from crossformer.train.engine import Trainer, train

@@ -7,7 +7,7 @@ built-in exception a Python user would catch for it (``ValueError``, ``FileNotFo
 """
 
 __all__ = ['CrossFormerError', 'ConfigError', 'CheckpointError', 'InputError', 'MissingFileError',
-           'MissingExtraError', 'DivergedError']
+           'MissingExtraError', 'DivergedError', 'WriteError']
 
 
 class CrossFormerError(Exception):
@@ -36,3 +36,7 @@ class MissingExtraError(CrossFormerError, ImportError):
 
 class DivergedError(CrossFormerError, FloatingPointError):
     """Training produced a loss that is not finite: a setting (learning rate, clipping) to change."""
+
+
+class WriteError(CrossFormerError, OSError):
+    """A file or folder that could not be written (full disk, no permission); nothing was changed."""

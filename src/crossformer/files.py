@@ -15,17 +15,13 @@ from typing import Callable, Iterator, Sequence, Set, Union
 
 from safetensors import SafetensorError
 
-from .errors import CrossFormerError, MissingFileError
+from .errors import MissingFileError, WriteError
 
-__all__ = ['PathLike', 'WriteError', 'atomic_write', 'atomic_directory', 'fsync_path', 'remove_tree',
+__all__ = ['PathLike', 'atomic_write', 'atomic_directory', 'fsync_path', 'remove_tree',
            'existing_file', 'did_you_mean']
 
 PathLike = Union[str, os.PathLike]
 _BUILDING: Set[Path] = set()  # folders being filled inside atomic_directory
-
-
-class WriteError(CrossFormerError, OSError):
-    """A file or folder that could not be written (full disk, no permission); nothing was changed."""
 
 
 def _write_error(path: Path, e: BaseException) -> WriteError:

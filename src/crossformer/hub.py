@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .errors import CheckpointError
-from .files import PathLike, WriteError, atomic_directory, atomic_write, fsync_path
+from .errors import CheckpointError, WriteError
+from .files import PathLike, atomic_directory, atomic_write, fsync_path
 from .models.crossformer import PAPER_RESULTS, check_file_model_args
 from .weights import save_weights
 

@@ -38,8 +38,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from ..errors import CheckpointError
-from ..files import PathLike, WriteError, atomic_directory, atomic_write, remove_tree
+from ..errors import CheckpointError, WriteError
+from ..files import PathLike, atomic_directory, atomic_write, remove_tree
 from ..readers import read_safetensors_file
 from ..weights import read_metadata, read_run_info, save_run_weights, save_weights
 
