@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import untrusted
+from .untrusted import describe as describe_plain_value
 WHAT_IS_READ = 'only tensors, containers and configs are read'   # the end of every refusal
 
 
@@ -85,4 +85,4 @@ def describe(obj) -> str:
         return 'a storage'
     if type(obj) is InertConfig:
         return f'a {obj.kind} config'
-    return untrusted.describe(obj)
+    return describe_plain_value(obj)
