@@ -17,8 +17,9 @@ steps fit in a few minutes. Learning rate, 150-step runs: 5e-4 gave mAP 0.135 / 
 
 Measured on a 2-core CPU, pinned to one core
 (``taskset -c 1 env OMP_NUM_THREADS=1 python examples/detect_shapes.py``): 600 steps of 8
-images in 182 s (3 min 8 s in all), loss (mean of 10 steps) 2.652 -> 1.174; on 32 held-out
-images with 70 shapes, mAP@0.5 0.569 and recall@0.5 0.960. Most misses are large shapes given
+images in 182 s (3 min 8 s in all). A rerun of the same command with today's library (on a busy
+host, so in 617 s): loss (mean of 10 steps) 2.652 -> 1.161; on 32 held-out
+images with 70 shapes, mAP@0.5 0.574 and recall@0.5 0.913. Most misses are large shapes given
 the wrong class or a loose box; small ones are found well.
 
     python examples/detect_shapes.py                  # 600 steps: ~3 minutes on one core
