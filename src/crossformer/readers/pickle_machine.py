@@ -14,7 +14,7 @@ import math
 import pickletools
 import struct
 from collections import OrderedDict
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict
 
 import torch
 
