@@ -17,18 +17,15 @@ steps fit in a few minutes. Learning rate, 150-step runs: 5e-4 gave mAP 0.135 / 
 
 Measured on a 2-core CPU, pinned to one core
 (``taskset -c 1 env OMP_NUM_THREADS=1 python examples/detect_shapes.py``): 600 steps of 8
-images in 182 s (3 min 8 s in all), loss (mean of 10 steps) 2.652 -> 1.174; on 32 held-out
-images with 70 shapes, mAP@0.5 0.569 and recall@0.5 0.960. Most misses are large shapes given
+images in 182 s (3 min 8 s in all). A rerun of the same command with today's library (on a busy
+host, so in 617 s): loss (mean of 10 steps) 2.652 -> 1.161; on 32 held-out
+images with 70 shapes, mAP@0.5 0.574 and recall@0.5 0.913. Most misses are large shapes given
 the wrong class or a loose box; small ones are found well.
 
     python examples/detect_shapes.py                  # 600 steps: ~3 minutes on one core
     python examples/detect_shapes.py --steps 2000     # longer training
     python examples/detect_shapes.py --steps 20       # a quick check
 """
-import argparse
-import math
-import os
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -39,56 +36,23 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import box_iou, nms
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
-from tqdm import tqdm
 
 from crossformer.detection import crossformer_fpn_backbone
+from shapes import CLASSES, SIZE, make_scene, seeded, train, training_arguments  # examples/shapes.py
 
-CLASSES = ['background', 'circle', 'square', 'triangle']
 COLOURS = [None, 'red', 'yellow', 'cyan']
 Target = Dict[str, torch.Tensor]
-SIZE = 64  # image side, pixels
 STEPS, BATCH, LR = 600, 8, 5e-4  # the default run
 
 
 # ---------------------------------------------------------------- data
 
-def shape_mask(kind: int, cx: float, cy: float, size: float, yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-    """``(H, W)`` bool mask of a circle (1), square (2) or upward triangle (3) of side ``size`` centred at (cx, cy)."""
-    r = size / 2
-    dx, dy = xx - cx, yy - cy
-    if kind == 1:
-        return dx ** 2 + dy ** 2 <= r ** 2
-    if kind == 2:
-        return (dx.abs() <= r) & (dy.abs() <= r)
-    # triangle: apex at the top, base at the bottom, half-width growing linearly downwards
-    return (dy >= -r) & (dy <= r) & (dx.abs() <= (dy + r) / 2)
-
-
 def make_image(gen: torch.Generator, size: int = SIZE, min_side: int = 6, max_side: int = 40,
                max_shapes: int = 4) -> Tuple[torch.Tensor, Target]:
     """One ``(3, size, size)`` image in [0, 1] and its target: ``boxes`` ``(N, 4)`` x1y1x2y2, ``labels`` ``(N,)``."""
-    def rand(*shape):
-        return torch.rand(*shape, generator=gen)
-
-    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing='ij')
-    background = rand(3, 1, 1)
-    image = (background + 0.08 * torch.randn(3, size, size, generator=gen)).clamp(0, 1)
-    boxes, labels, taken = [], [], torch.zeros(size, size, dtype=torch.bool)
-    for _ in range(int(rand(1) * max_shapes) + 1):
-        for _attempt in range(10):  # find a place free of earlier shapes, so every box is fully visible
-            side = math.exp(math.log(min_side) + rand(1).item() * math.log(max_side / min_side))  # log-uniform
-            cx, cy = (side / 2 + rand(2) * (size - side)).tolist()
-            kind = int(rand(1) * 3) + 1
-            mask = shape_mask(kind, cx, cy, side, yy, xx)
-            if mask.any() and not (mask & taken).any():
-                break
-        else:
-            continue
-        colour = rand(3, 1, 1)
-        while (colour - background).abs().max() < 0.35:  # keep the shape visible
-            colour = rand(3, 1, 1)
-        image = torch.where(mask, colour, image)
-        taken |= mask
+    image, shapes = make_scene(gen, size, min_side, max_side, max_shapes)
+    boxes, labels = [], []
+    for kind, mask in shapes:
         ys, xs = mask.nonzero(as_tuple=True)
         boxes.append([xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1])
         labels.append(kind)
@@ -189,50 +153,21 @@ def draw(images: List[torch.Tensor], detections: List[Target], targets: List[Tar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--steps', type=int, default=STEPS, help=f'training steps (default {STEPS})')
-    parser.add_argument('--batch-size', type=int, default=BATCH)
-    parser.add_argument('--lr', type=float, default=LR, help=f'peak learning rate (default {LR})')
-    parser.add_argument('--eval-images', type=int, default=32)
-    parser.add_argument('--seed', type=int, default=0)
+    parser = training_arguments(__doc__.split('\n\n')[0], STEPS, BATCH, LR, eval_images=32)
     parser.add_argument('--pretrained-backbone', type=Path, default=None,
                         help='CrossFormer-T ImageNet checkpoint (from the paper\'s model zoo); learns much faster')
     parser.add_argument('--show-score', type=float, default=0.3, help='draw detections at least this confident')
     parser.add_argument('--out', type=Path, default=Path('outputs/detect_shapes.png'))
     args = parser.parse_args()
 
-    # as many threads as cores we may use (OMP_NUM_THREADS wins); the same count gives the same numbers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS') or cores))
-    torch.manual_seed(args.seed)
-    train_gen = torch.Generator().manual_seed(args.seed)
-    eval_gen = torch.Generator().manual_seed(args.seed + 10_000)  # held-out images
+    train_gen, eval_gen = seeded(args.seed)
     model = build_model(args.pretrained_backbone)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: the unfused update takes about 40% of a CPU step
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, fused=True)
-    warmup = min(10, args.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine decay to 0
-        optimizer, lambda s: (s + 1) / warmup if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, args.steps - warmup))))
 
-    model.train()
-    start = time.perf_counter()
-    losses: List[float] = []
-    for _ in (bar := tqdm(range(args.steps), desc='training', unit='step', dynamic_ncols=True)):
+    def batch_loss() -> torch.Tensor:
         images, targets = make_batch(train_gen, args.batch_size)
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f'{sum(losses[-10:]) / len(losses[-10:]):.3f}')
-    train_time = time.perf_counter() - start
-    n = min(10, len(losses))
-    print(f'trained {len(losses)} steps of {args.batch_size} images in {train_time:.0f} s; '
-          f'loss (mean of {n} steps) start {sum(losses[:n]) / n:.3f} -> end {sum(losses[-n:]) / n:.3f}')
+        return sum(model(images, targets).values())
+
+    train(model, batch_loss, args.steps, args.batch_size, args.lr, warmup=10)
 
     model.eval()
     images, targets = make_batch(eval_gen, args.eval_images)

@@ -46,10 +46,6 @@ Shapes that touch tend to merge, and a few low-contrast ones are missed.
     python examples/segment_shapes.py --steps 3000         # longer training
     python examples/segment_shapes.py --steps 20           # a quick check
 """
-import argparse
-import math
-import os
-import time
 from pathlib import Path
 from typing import List, Tuple
 
@@ -57,14 +53,12 @@ import torch
 import torch.nn.functional as F
 from timm.models import model_entrypoint, register_model
 from torchvision.utils import make_grid, save_image
-from tqdm import tqdm
 from transformers import TimmBackboneConfig, UperNetConfig, UperNetForSemanticSegmentation
 
 import crossformer  # noqa: F401  (registers the CrossFormer models with timm, through which transformers builds them)
+from shapes import CLASSES, SIZE, make_scene, seeded, train, training_arguments  # examples/shapes.py
 
-CLASSES = ['background', 'circle', 'square', 'triangle']
 PALETTE = torch.tensor([(0, 0, 0), (255, 0, 0), (255, 255, 0), (0, 255, 255)]) / 255  # black, red, yellow, cyan
-SIZE = 64  # image side, pixels
 STEPS, BATCH, LR = 1500, 8, 5e-4  # the default run
 SHAPE_WEIGHT = 3.0  # cross-entropy weight of the shape classes (background: 1)
 MEAN, STD = 0.5, 0.3  # the generated images' statistics, not ImageNet's
@@ -83,42 +77,12 @@ def crossformer_t_narrow(pretrained: bool = False, **kwargs):
 
 # ---------------------------------------------------------------- data
 
-def shape_mask(kind: int, cx: float, cy: float, size: float, yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-    """``(H, W)`` bool mask of a circle (1), square (2) or upward triangle (3) of side ``size`` centred at (cx, cy)."""
-    r = size / 2
-    dx, dy = xx - cx, yy - cy
-    if kind == 1:
-        return dx ** 2 + dy ** 2 <= r ** 2
-    if kind == 2:
-        return (dx.abs() <= r) & (dy.abs() <= r)
-    # triangle: apex at the top, base at the bottom, half-width growing linearly downwards
-    return (dy >= -r) & (dy <= r) & (dx.abs() <= (dy + r) / 2)
-
-
 def make_image(gen: torch.Generator, size: int = SIZE, min_side: int = 10, max_side: int = 28,
                max_shapes: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
     """One ``(3, size, size)`` image in [0, 1] and its ``(size, size)`` int64 label map (0 background, 1-3 shapes)."""
-    def rand(*shape):
-        return torch.rand(*shape, generator=gen)
-
-    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing='ij')
-    background = rand(3, 1, 1)
-    image = (background + 0.08 * torch.randn(3, size, size, generator=gen)).clamp(0, 1)
+    image, shapes = make_scene(gen, size, min_side, max_side, max_shapes)
     labels = torch.zeros(size, size, dtype=torch.int64)
-    for _ in range(int(rand(1) * max_shapes) + 1):
-        for _attempt in range(10):  # find a place free of earlier shapes, so every shape is fully visible
-            side = math.exp(math.log(min_side) + rand(1).item() * math.log(max_side / min_side))  # log-uniform
-            cx, cy = (side / 2 + rand(2) * (size - side)).tolist()
-            kind = int(rand(1) * 3) + 1
-            mask = shape_mask(kind, cx, cy, side, yy, xx)
-            if mask.any() and not (mask & (labels > 0)).any():
-                break
-        else:
-            continue
-        colour = rand(3, 1, 1)
-        while (colour - background).abs().max() < 0.35:  # keep the shape visible
-            colour = rand(3, 1, 1)
-        image = torch.where(mask, colour, image)
+    for kind, mask in shapes:
         labels[mask] = kind
     return image, labels
 
@@ -180,50 +144,21 @@ def draw(images: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor, pat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--steps', type=int, default=STEPS, help=f'training steps (default {STEPS})')
-    parser.add_argument('--batch-size', type=int, default=BATCH)
-    parser.add_argument('--lr', type=float, default=LR, help=f'peak learning rate (default {LR})')
-    parser.add_argument('--eval-images', type=int, default=64)
-    parser.add_argument('--seed', type=int, default=0)
+    parser = training_arguments(__doc__.split('\n\n')[0], STEPS, BATCH, LR, eval_images=64)
     parser.add_argument('--backbone', default='crossformer_t_narrow',
                         help='timm name of the backbone (default crossformer_t_narrow; crossformer_t: the full one)')
     parser.add_argument('--out', '--output', type=Path,
                         default=Path(__file__).resolve().parent / 'segment_shapes_predictions.png')
     args = parser.parse_args()
 
-    # as many threads as cores we may use (OMP_NUM_THREADS wins); the same count gives the same numbers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS') or cores))
-    torch.manual_seed(args.seed)
-    train_gen = torch.Generator().manual_seed(args.seed)
-    eval_gen = torch.Generator().manual_seed(args.seed + 10_000)  # held-out images
+    train_gen, eval_gen = seeded(args.seed)
     model = build_model(args.backbone)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: the unfused update is a noticeable part of a CPU step
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, fused=True)
-    warmup = min(50, args.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine decay to 0
-        optimizer, lambda s: (s + 1) / warmup if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, args.steps - warmup))))
 
-    model.train()
-    start = time.perf_counter()
-    losses: List[float] = []
-    for _ in (bar := tqdm(range(args.steps), desc='training', unit='step', dynamic_ncols=True)):
+    def batch_loss() -> torch.Tensor:
         images, labels = make_batch(train_gen, args.batch_size)
-        loss = loss_fn(model(pixel_values=(images - MEAN) / STD).logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f'{sum(losses[-10:]) / len(losses[-10:]):.3f}')
-    train_time = time.perf_counter() - start
-    n = min(10, len(losses))
-    print(f'trained {len(losses)} steps of {args.batch_size} images in {train_time:.0f} s; '
-          f'loss (mean of {n} steps) start {sum(losses[:n]) / n:.3f} -> end {sum(losses[-n:]) / n:.3f}')
+        return loss_fn(model(pixel_values=(images - MEAN) / STD).logits, labels)
+
+    train(model, batch_loss, args.steps, args.batch_size, args.lr, warmup=50)
 
     model.eval()
     images, labels = make_batch(eval_gen, args.eval_images)

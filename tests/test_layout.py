@@ -77,6 +77,11 @@ def _reaches(graph, start):
     ('crossformer.models', ('crossformer.train', 'crossformer.cli', 'crossformer.predict', 'crossformer.hub')),
     ('crossformer.weights', ('crossformer.models', 'crossformer.layers', 'crossformer.train')),
     ('crossformer.readers', ('crossformer.models', 'crossformer.layers', 'crossformer.weights')),
+    # inside the readers: the zip parser knows nothing of pickles, the pickle machine nothing of files or tensors
+    ('crossformer.readers.zip_archive', ('crossformer.readers.values', 'crossformer.readers.pickle_machine',
+                                         'crossformer.readers.tensors')),
+    ('crossformer.readers.pickle_machine', ('crossformer.readers.zip_archive', 'crossformer.readers.tensors',
+                                            'crossformer.readers.torch_file')),
     ('crossformer.predict', ('crossformer.train', 'crossformer.cli')),
     ('crossformer.detection', ('crossformer.train', 'crossformer.cli')),
 ])

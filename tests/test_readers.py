@@ -9,6 +9,7 @@ import collections
 import io
 import json
 import os
+import pickletools
 import struct
 import sys
 import types
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import crossformer  # noqa: F401
 from crossformer.errors import CheckpointError, MissingFileError
 from crossformer.readers import InertConfig, read_safetensors_file, read_torch_file
+from crossformer.readers.pickle_machine import ACCEPTED_OPCODES
 
 
 from pickles import (FOUR_FLOATS, PROTO, SNAPSHOT, g, i, in_dict, pid, snapshot, tensor, u,
@@ -210,6 +212,26 @@ def test_foreign_globals_are_refused(tmp_path, module, name, fragment):
 ])
 def test_refused_pickles(tmp_path, body, fragment):
     refused(write_archive(tmp_path / 'p.pth', in_dict(body), {'0': FOUR_FLOATS}), fragment)
+
+
+ACCEPTED = {
+    'PROTO', 'FRAME', 'STOP',                                                          # framing
+    'BINPUT', 'LONG_BINPUT', 'MEMOIZE', 'BINGET', 'LONG_BINGET',                       # memo
+    'BINUNICODE', 'SHORT_BINUNICODE', 'BINUNICODE8', 'SHORT_BINBYTES', 'BINBYTES', 'BINBYTES8',
+    'BININT1', 'BININT2', 'BININT', 'LONG1', 'BINFLOAT', 'NONE', 'NEWTRUE', 'NEWFALSE',  # scalars
+    'MARK', 'EMPTY_TUPLE', 'TUPLE', 'TUPLE1', 'TUPLE2', 'TUPLE3', 'POP', 'POP_MARK',   # stack structure
+    'EMPTY_LIST', 'EMPTY_DICT', 'SETITEM', 'SETITEMS', 'APPEND', 'APPENDS',            # containers
+    'GLOBAL', 'STACK_GLOBAL', 'REDUCE', 'NEWOBJ', 'NEWOBJ_EX', 'BUILD', 'BINPERSID',   # checked objects
+}
+
+
+def test_the_pickle_machine_runs_exactly_these_opcodes(tmp_path):
+    # accepting one more opcode is a decision to make here, in the open
+    assert ACCEPTED_OPCODES == ACCEPTED
+    for op in pickletools.opcodes:
+        if op.name not in ACCEPTED:
+            path = write_archive(tmp_path / f'{op.name}.pth', PROTO + op.code.encode('latin-1') + b'\0' * 16)
+            refused(path, f'refused pickle opcode {op.name} (byte 2 of data.pkl)')
 
 
 def test_shared_containers_that_expand_exponentially(tmp_path):
