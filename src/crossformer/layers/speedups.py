@@ -296,11 +296,13 @@ def packed_linear_applies(layer: nn.Module, x: torch.Tensor) -> bool:
     plain ``nn.Linear`` without hooks, with torch's oneDNN backend present and enabled.
 
     fp32 only: bf16 packing needs AVX512-BF16 or AVX-NE-CONVERT, and without them a bf16 product
-    is slower than fp32 either way.
+    is slower than fp32 either way. Not for weights made under ``torch.inference_mode()``: they
+    have no version counter, so a change to them could not be seen.
     """
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled('cpu') and _plain(layer, nn.Linear)
             and layer.weight.dtype == torch.float32 and layer.weight.layout == torch.strided
+            and not layer.weight.is_inference()  # no version counter: a change could not be seen
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
