@@ -96,10 +96,15 @@ def test_only_plain_linears_without_hooks_are_packed():
         def forward(self, x):
             return 2 * super().forward(x)
 
+    class Subclassed(torch.Tensor):  # as torchao's quantized weights, on a Linear that stays an nn.Linear
+        pass
+
+    wrapped = linear()
+    wrapped.weight = nn.Parameter(wrapped.weight.detach().as_subclass(Subclassed))
     quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear()), {nn.Linear}, dtype=torch.qint8)[0]
     with torch.no_grad():
         assert speedups.packed_linear_applies(linear(), x)
-        for layer in (hooked, Scaled(24, 40), quantized):
+        for layer in (hooked, Scaled(24, 40), wrapped, quantized):
             assert not speedups.packed_linear_applies(layer, x)
         with torch.inference_mode():
             frozen = linear()  # an inference tensor has no version counter to tell a change

@@ -290,10 +290,16 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:
     return pack.weight
 
 
+def _plain_tensor(t: torch.Tensor) -> bool:
+    """A dense torch tensor or parameter, not a subclass (torchao's quantized weights are subclasses)."""
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
 @torch.jit.unused
 def packed_linear_applies(layer: nn.Module, x: torch.Tensor) -> bool:
     """Where a packed oneDNN product pays: eager CPU inference in fp32 (no grad, no autocast) on a
-    plain ``nn.Linear`` without hooks, with torch's oneDNN backend present and enabled.
+    plain ``nn.Linear`` without hooks whose weight is a plain tensor (torchao quantizes a Linear in
+    place, as a tensor subclass), with torch's oneDNN backend present and enabled.
 
     fp32 only: bf16 packing needs AVX512-BF16 or AVX-NE-CONVERT, and without them a bf16 product
     is slower than fp32 either way. Not for weights made under ``torch.inference_mode()``: they
@@ -301,6 +307,7 @@ def packed_linear_applies(layer: nn.Module, x: torch.Tensor) -> bool:
     """
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled('cpu') and _plain(layer, nn.Linear)
+            and _plain_tensor(layer.weight) and (layer.bias is None or _plain_tensor(layer.bias))
             and layer.weight.dtype == torch.float32 and layer.weight.layout == torch.strided
             and not layer.weight.is_inference()  # no version counter: a change could not be seen
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
