@@ -16,7 +16,8 @@ lean MLP (GELU recomputed)        block MLP residual    :meth:`BlockSpeedups._le
 space-to-depth convolutions       CrossEmbedLayer       :meth:`CrossEmbedSpeedups.speedup_applies`:
                                                         CPU, large kernels on few channels
 packed oneDNN Linears (fc1 with   block MLP residual    :func:`packed_linear_applies`: CPU inference
-GELU, fc2 with the residual add)                        in fp32, plain ``nn.Linear``, oneDNN present
+GELU, fc2 with the residual add)                        in fp32, plain ``nn.Linear``, oneDNN present;
+                                                        narrow Linears only without AVX-512
 DPB bias cache                    DynamicPosBias        no gradient recorded
 padding-mask cache                :func:`padding_mask`  eager
 ================================  ====================  =============================================
@@ -48,6 +49,10 @@ __all__ = ['set_speedups', 'capturing', 'padding_mask', 'gelu_linear', 'space_to
 ATTENTION_CHUNK_TOKENS = 1536  # tokens of whole groups per chunk of GroupAttention
 MLP_CHUNK_TOKENS = 1024  # tokens per chunk of a block's inference MLP residual
 LEAN_MLP_CHUNK_TOKENS = 2048  # tokens per chunk of the lean MLP, CPU fp32 training
+# Where oneDNN's packed product beats torch's default (MKL) fp32 product (benchmarks/): with
+# AVX-512 every Linear (MKL dispatches AVX2 kernels on AMD processors); with AVX2 only Linears with
+# a side at most this wide (stage 1), where MKL was slower at one and at two threads.
+PACKED_LINEAR_MAX_SIDE_AVX2 = 64
 # Space-to-depth pays off where a strided kernel is large and its input narrow (the stem); the
 # merges between stages (kernels 2 and 4 at stride 2 on 96+ channels) are faster as they are.
 SPACE_TO_DEPTH_MAX_CHANNELS = 64  # input channels after regrouping, C * stride**2
@@ -299,7 +304,8 @@ def _plain_tensor(t: torch.Tensor) -> bool:
 def packed_linear_applies(layer: nn.Module, x: torch.Tensor) -> bool:
     """Where a packed oneDNN product pays: eager CPU inference in fp32 (no grad, no autocast) on a
     plain ``nn.Linear`` without hooks whose weight is a plain tensor (torchao quantizes a Linear in
-    place, as a tensor subclass), with torch's oneDNN backend present and enabled.
+    place, as a tensor subclass), with torch's oneDNN backend present and enabled; with AVX-512,
+    any such Linear, else one with a side of at most ``PACKED_LINEAR_MAX_SIDE_AVX2`` features.
 
     fp32 only: bf16 packing needs AVX512-BF16 or AVX-NE-CONVERT, and without them a bf16 product
     is slower than fp32 either way. Not for weights made under ``torch.inference_mode()``: they
@@ -310,7 +316,14 @@ def packed_linear_applies(layer: nn.Module, x: torch.Tensor) -> bool:
             and _plain_tensor(layer.weight) and (layer.bias is None or _plain_tensor(layer.bias))
             and layer.weight.dtype == torch.float32 and layer.weight.layout == torch.strided
             and not layer.weight.is_inference()  # no version counter: a change could not be seen
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and (_avx512() or min(layer.in_features, layer.out_features) <= PACKED_LINEAR_MAX_SIDE_AVX2))
+
+
+@lru_cache(maxsize=None)
+def _avx512() -> bool:
+    """torch's CPU kernels use AVX-512 (``ATEN_CPU_CAPABILITY=avx2`` limits them)."""
+    return torch.backends.cpu.get_cpu_capability().startswith(('AVX512', 'AMX'))
 
 
 @torch.jit.unused
