@@ -231,16 +231,9 @@ def deploy_runners(name: str, x: torch.Tensor, contenders: List[str], onnx_path:
     if 'compile' in contenders:
         compiled = torch.compile(model)
         runners['compile'] = lambda: compiled(x)
-    if 'compile-freezing' in contenders:
-        def compile_frozen():
-            torch._inductor.config.freezing = True
-            try:
-                return compiled_frozen(x)
-            finally:
-                torch._inductor.config.freezing = False
-        compiled_frozen = torch.compile(timm.create_model(name).eval())
-        compiled_frozen.load_state_dict(model.state_dict())
-        runners['compile-freezing'] = compile_frozen
+    if 'compile-freezing' in contenders:  # inductor's own oneDNN weight packing; its own backend, its own graph
+        compiled_frozen = torch.compile(model, options={'freezing': True})
+        runners['compile-freezing'] = lambda: compiled_frozen(x)
     missing = [c for c in contenders if c.startswith(('onnxruntime', 'openvino'))
                and importlib.util.find_spec(c.split('-')[0]) is None]
     if missing:
