@@ -3,6 +3,7 @@
     python benchmarks/benchmark.py                       # all sections, CPU, fp32
     python benchmarks/benchmark.py --sections eval --models crossformer_s crossformer_t
     python benchmarks/benchmark.py --device cuda --batch 128 --amp bf16 --compile
+    python benchmarks/benchmark.py --sections deploy --batch 1    # vs onnxruntime, OpenVINO: needs .[bench]
 
 Every timing is the median over ``--rounds`` interleaved rounds (each contender once per
 round, in turn), so slow drift of the machine hits all of them alike. Baselines:
@@ -11,11 +12,18 @@ round, in turn), so slow drift of the machine hits all of them alike. Baselines:
   matmul-softmax-matmul attention, no bias cache, no token chunks, lean MLP or space-to-depth stem;
 - ``swin_tiny``: timm's ``swin_tiny_patch4_window7_224`` (fused attention), same input.
 
+The deploy section runs the same weights as our eager fp32, ``model.to(torch.bfloat16)``,
+fp32 under bf16 autocast, ``torch.compile`` (default and with inductor's freezing) and our own
+ONNX export in onnxruntime and OpenVINO, against the host's best matrix product of each dtype:
+the faster of torch's default and oneDNN with a packed weight.
+
 The eval section also reports the fraction of the host's matmul peak the model reaches: its
 FLOPs per second (2 x GMACs) over those of one large fp32 (or ``--amp`` dtype) matrix product.
 """
 import argparse
 import contextlib
+import importlib.util
+import os
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -176,7 +184,122 @@ def section_gmacs(args, device):
         print(f'| {name} | {gmacs(timm.create_model(name)):.2f} | {paper["gflops"]} |')
 
 
-SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling}
+# ---- deploy: our eager and compiled paths next to onnxruntime and OpenVINO on our ONNX export --
+
+DEPLOY_CONTENDERS = ['eager', 'bf16', 'autocast-bf16', 'compile', 'compile-freezing', 'onnxruntime', 'openvino',
+                     'openvino-bf16']
+
+
+def best_matmul_flops(dtype: torch.dtype, n: int = 1024, rounds: int = 5) -> Dict[str, float]:
+    """FLOP/s of an ``n x n`` product in ``dtype`` through torch's default path and through oneDNN
+    with a packed weight (where the host packs that dtype), interleaved."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    fns = {'torch': lambda: torch.nn.functional.linear(a, b)}
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+        fns['onednn'] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, 'none', [], '')
+    except RuntimeError:  # e.g. bf16 packing needs AVX512-BF16 or AVX-NE-CONVERT
+        pass
+    with torch.inference_mode():
+        t = interleaved(fns, rounds, torch.device('cpu'))
+    return {k: 2 * n ** 3 / v for k, v in t.items()}
+
+
+def onnx_export(model: torch.nn.Module, path: str) -> None:
+    torch.onnx.export(model, torch.randn(1, 3, 224, 224), path, dynamo=False, opset_version=17,
+                      input_names=['image'], output_names=['logits'],
+                      dynamic_axes={'image': {0: 'batch', 2: 'height', 3: 'width'}, 'logits': {0: 'batch'}})
+
+
+def deploy_runners(name: str, x: torch.Tensor, contenders: List[str], onnx_path: str) -> Dict[str, Callable]:
+    """One callable per contender, each returning fp32 logits of ``x`` as a tensor."""
+    model = timm.create_model(name).eval()
+    threads = torch.get_num_threads()
+    runners: Dict[str, Callable] = {}
+    if 'eager' in contenders:
+        runners['eager'] = lambda: model(x)
+    if 'bf16' in contenders:
+        model_bf16 = timm.create_model(name).eval().to(torch.bfloat16)
+        model_bf16.load_state_dict(model.state_dict())
+        x_bf16 = x.to(torch.bfloat16)
+        runners['bf16'] = lambda: model_bf16(x_bf16).float()
+    if 'autocast-bf16' in contenders:
+        def autocast_bf16():
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                return model(x).float()
+        runners['autocast-bf16'] = autocast_bf16
+    if 'compile' in contenders:
+        compiled = torch.compile(model)
+        runners['compile'] = lambda: compiled(x)
+    if 'compile-freezing' in contenders:  # inductor's own oneDNN weight packing; its own backend, its own graph
+        compiled_frozen = torch.compile(model, options={'freezing': True})
+        runners['compile-freezing'] = lambda: compiled_frozen(x)
+    missing = [c for c in contenders if c.startswith(('onnxruntime', 'openvino'))
+               and importlib.util.find_spec(c.split('-')[0]) is None]
+    if missing:
+        print(f'left out (pip install -e ".[bench]" adds them): {", ".join(missing)}')
+        contenders = [c for c in contenders if c not in missing]
+    needs_onnx = [c for c in contenders if c.startswith(('onnxruntime', 'openvino'))]
+    if needs_onnx:
+        onnx_export(model, onnx_path)
+    image = x.numpy()
+    if 'onnxruntime' in contenders:
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(onnx_path, options, providers=['CPUExecutionProvider'])
+        runners['onnxruntime'] = lambda: torch.from_numpy(session.run(None, {'image': image})[0])
+    for precision in ('f32', 'bf16'):
+        key = 'openvino' if precision == 'f32' else 'openvino-bf16'
+        if key not in contenders:
+            continue
+        import openvino
+        core = openvino.Core()
+        ov_model = core.read_model(onnx_path)
+        ov_model.reshape({'image': list(x.shape)})  # its CPU plugin rejects our dynamic attention shapes
+        compiled_ov = core.compile_model(ov_model, 'CPU', {'INFERENCE_NUM_THREADS': threads, 'PERFORMANCE_HINT': 'LATENCY',
+                                                           'INFERENCE_PRECISION_HINT': precision})
+        actual = compiled_ov.get_property('INFERENCE_PRECISION_HINT')
+        if precision == 'bf16' and str(actual) != "<Type: 'bfloat16'>":
+            print(f'OpenVINO runs bf16 as {actual} on this host: openvino-bf16 left out')
+            continue
+        request = compiled_ov.create_infer_request()
+        runners[key] = lambda request=request: torch.from_numpy(request.infer({0: image})[0].copy())
+    return runners
+
+
+def section_deploy(args, device):
+    if device.type != 'cpu':
+        raise SystemExit('the deploy section compares CPU runtimes: use --device cpu')
+    import tempfile
+    flags = ' '.join(sorted(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'avx_ne_convert')
+                            if f in open('/proc/cpuinfo').read().split())) if os.path.exists('/proc/cpuinfo') else '?'
+    print(f'\n## deploy: batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads; CPU flags: {flags}; '
+          f'torch capability {torch.backends.cpu.get_cpu_capability()}; img/s (median of {args.rounds} interleaved rounds)')
+    peaks = {dtype: best_matmul_flops(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    for dtype, p in peaks.items():
+        print(f'{dtype} matmul (1024^3): ' + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in p.items()))
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    for name in args.models:
+        with tempfile.TemporaryDirectory() as tmp:
+            runners = deploy_runners(name, x, args.deploy, os.path.join(tmp, f'{name}.onnx'))
+        with torch.inference_mode():
+            reference = runners['eager']() if 'eager' in runners else None
+            diffs = {k: (fn() - reference).abs().max().item() if reference is not None else float('nan')
+                     for k, fn in runners.items()}
+            t = interleaved(runners, args.rounds, device)
+        g = gmacs(timm.create_model(name), args.size)
+        base = t.get('eager', next(iter(t.values())))
+        print(f'| {name} | img/s | vs eager | max abs diff of logits | of best matmul of its dtype |')
+        print('|---|---:|---:|---:|---:|')
+        for k, v in t.items():
+            peak = max(peaks[torch.bfloat16 if 'bf16' in k else torch.float32].values())
+            print(f'| {k} | {args.batch / v:.2f} | {base / v:.2f}x | {diffs[k]:.1e} '
+                  f'| {2 * g * 1e9 * args.batch / v / peak:.2f} |')
+
+
+SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling,
+            'deploy': section_deploy}
 
 
 def main():
@@ -189,6 +312,8 @@ def main():
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'])
     parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--deploy', nargs='+', default=DEPLOY_CONTENDERS, choices=DEPLOY_CONTENDERS,
+                        help='contenders of the deploy section (onnxruntime and openvino need .[bench])')
     parser.add_argument('--scaling-sizes', nargs='+', type=int, default=[224, 512, 768, 1024])
     args = parser.parse_args()
     torch.manual_seed(0)

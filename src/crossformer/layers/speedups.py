@@ -15,6 +15,9 @@ lean MLP (GELU recomputed)        block MLP residual    :meth:`BlockSpeedups._le
                                                         with autograd, on any device
 space-to-depth convolutions       CrossEmbedLayer       :meth:`CrossEmbedSpeedups.speedup_applies`:
                                                         CPU, large kernels on few channels
+packed oneDNN Linears (fc1 with   block MLP residual    :func:`packed_linear_applies`: CPU inference
+GELU, fc2 with the residual add)                        in fp32, plain ``nn.Linear``, oneDNN present;
+                                                        narrow Linears only without AVX-512
 DPB bias cache                    DynamicPosBias        no gradient recorded
 padding-mask cache                :func:`padding_mask`  eager
 ================================  ====================  =============================================
@@ -27,7 +30,7 @@ one of them off for a whole model, timm's fused attention (SDPA) included.
 """
 import weakref
 from functools import lru_cache
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,7 @@ from timm.layers import use_fused_attn
 from .grouping import build_padding_mask
 
 __all__ = ['set_speedups', 'capturing', 'padding_mask', 'gelu_linear', 'space_to_depth_conv',
+           'packed_linear', 'packed_linear_applies', 'packed_weight',
            'AttentionSpeedups', 'BlockSpeedups', 'CrossEmbedSpeedups', 'PosBiasSpeedups']
 
 # Tuned on 2 CPU cores (benchmarks/benchmark.py): enough tokens that the matmuls stay efficient,
@@ -45,6 +49,10 @@ __all__ = ['set_speedups', 'capturing', 'padding_mask', 'gelu_linear', 'space_to
 ATTENTION_CHUNK_TOKENS = 1536  # tokens of whole groups per chunk of GroupAttention
 MLP_CHUNK_TOKENS = 1024  # tokens per chunk of a block's inference MLP residual
 LEAN_MLP_CHUNK_TOKENS = 2048  # tokens per chunk of the lean MLP, CPU fp32 training
+# Where oneDNN's packed product beats torch's default (MKL) fp32 product (benchmarks/): with
+# AVX-512 every Linear (MKL dispatches AVX2 kernels on AMD processors); with AVX2 only Linears with
+# a side at most this wide (stage 1), where MKL was slower at one and at two threads.
+PACKED_LINEAR_MAX_SIDE_AVX2 = 64
 # Space-to-depth pays off where a strided kernel is large and its input narrow (the stem); the
 # merges between stages (kernels 2 and 4 at stride 2 on 96+ channels) are faster as they are.
 SPACE_TO_DEPTH_MAX_CHANNELS = 64  # input channels after regrouping, C * stride**2
@@ -59,6 +67,8 @@ def set_speedups(model: nn.Module, enabled: bool = True) -> nn.Module:
     for module in model.modules():
         if isinstance(module, _Speedup):
             module.speedups = enabled
+        if not enabled:
+            _packed_weights.pop(module, None)
         if isinstance(module, AttentionSpeedups):
             module.fused_attn = enabled and use_fused_attn()
     return model
@@ -200,7 +210,9 @@ class BlockSpeedups(_Speedup):
     """For :class:`~crossformer.layers.CrossFormerBlock`'s ``mlp_residual``, ``x + MLP(norm2(x))``.
 
     - CPU inference: chunk by chunk of tokens, so each chunk's norm, 4x wide hidden layer, GELU and
-      residual stay in cache; each chunk runs the block's own ``mlp_residual``.
+      residual stay in cache; each chunk runs the block's own ``mlp_residual``. In fp32 with
+      timm's plain ``Mlp`` (:meth:`_packed_applies`), a chunk is instead two :func:`packed_linear`
+      products: fc1 with its GELU, fc2 with the residual add, at any number of tokens.
     - Training with autograd, where the MLP is timm's plain ``Mlp`` with exact GELU: the GELU
       output is recomputed in backward instead of kept (:func:`gelu_linear`), ``4C`` fewer floats
       kept per token, the largest tensor a block keeps. On CPU in fp32, in chunks too.
@@ -214,8 +226,16 @@ class BlockSpeedups(_Speedup):
                 and isinstance(mlp.norm, nn.Identity) and _plain(mlp.fc2, nn.Linear) and not _has_hooks(mlp))
 
     @torch.jit.unused
+    def _packed_applies(self, x: torch.Tensor) -> bool:
+        mlp = self.mlp
+        return (type(mlp.act) is nn.GELU and mlp.act.approximate == 'none' and isinstance(mlp.norm, nn.Identity)
+                and not _has_hooks(mlp) and packed_linear_applies(mlp.fc1, x) and packed_linear_applies(mlp.fc2, x))
+
+    @torch.jit.unused
     def speedup_applies(self, x: torch.Tensor) -> bool:
-        return (_cpu_inference(self, x) and x.numel() > MLP_CHUNK_TOKENS * x.shape[-1]) or self._lean_applies()
+        if _cpu_inference(self, x):
+            return x.numel() > MLP_CHUNK_TOKENS * x.shape[-1] or self._packed_applies(x)
+        return self._lean_applies()
 
     @torch.jit.unused
     def speedup(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,11 +246,105 @@ class BlockSpeedups(_Speedup):
                                  LEAN_MLP_CHUNK_TOKENS if cpu_fp32 else 0)
             return x + self.drop_path2(mlp.drop2(hidden))
         flat = x.reshape(-1, x.shape[-1])
+        if self._packed_applies(x):  # eval: dropout and drop path are identities
+            mlp = self.mlp
+            chunks = [packed_linear(mlp.fc2, packed_linear(mlp.fc1, self.norm2(flat[start:start + MLP_CHUNK_TOKENS]),
+                                                           gelu=True), residual=flat[start:start + MLP_CHUNK_TOKENS])
+                      for start in range(0, flat.shape[0], MLP_CHUNK_TOKENS)]
+            return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).view(x.shape)
         out = torch.empty_like(flat)
         for start in range(0, flat.shape[0], MLP_CHUNK_TOKENS):
             rows = slice(start, start + MLP_CHUNK_TOKENS)
             out[rows] = self.mlp_residual(flat[rows])
         return out.view(x.shape)
+
+
+# ---- plain Linears through oneDNN with a packed weight (CPU inference) ----------------------
+
+class _Pack(NamedTuple):
+    """A Linear's weight in oneDNN's blocked layout, and what it was packed from."""
+    storage: 'weakref.ref[torch.UntypedStorage]'  # the weight's storage at packing time
+    layout: tuple  # the weight's offset, shape, strides, dtype and version counter then
+    weight: torch.Tensor  # (out_features, in_features) values, oneDNN's blocked layout
+
+
+# One pack per layer, the size of its weight; it goes with the layer (weak keys) or with
+# ``set_speedups(model, False)``, and is replaced whenever the weight changes.
+_packed_weights: 'weakref.WeakKeyDictionary[nn.Module, _Pack]' = weakref.WeakKeyDictionary()
+
+
+def _weight_layout(weight: torch.Tensor) -> tuple:
+    return weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype, weight._version
+
+
+@torch.jit.unused
+def packed_weight(layer: nn.Linear) -> torch.Tensor:
+    """``layer.weight`` packed for oneDNN's matrix product, cached until the weight changes.
+
+    The cache checks the weight's storage itself (a weak reference, so ``.to()`` or a swapped
+    ``.data`` never matches an old pack, even at a reused address) and its version counter
+    (an optimizer step or ``load_state_dict`` writes in place and bumps it).
+    """
+    weight = layer.weight
+    storage = weight.untyped_storage()
+    pack = _packed_weights.get(layer)
+    if pack is None or pack.storage() is not storage or pack.layout != _weight_layout(weight):
+        pack = _Pack(weakref.ref(storage), _weight_layout(weight),
+                     torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        _packed_weights[layer] = pack
+    return pack.weight
+
+
+def _plain_tensor(t: torch.Tensor) -> bool:
+    """A dense torch tensor or parameter, not a subclass (torchao's quantized weights are subclasses)."""
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
+@torch.jit.unused
+def packed_linear_applies(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Where a packed oneDNN product pays: eager CPU inference in fp32 (no grad, no autocast) on a
+    plain ``nn.Linear`` without hooks whose weight is a plain tensor (torchao quantizes a Linear in
+    place, as a tensor subclass), with torch's oneDNN backend present and enabled; with AVX-512,
+    any such Linear, else one with a side of at most ``PACKED_LINEAR_MAX_SIDE_AVX2`` features.
+
+    fp32 only: bf16 packing needs AVX512-BF16 or AVX-NE-CONVERT, and without them a bf16 product
+    is slower than fp32 either way. Not for weights made under ``torch.inference_mode()``: they
+    have no version counter, so a change to them could not be seen.
+    """
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled('cpu') and _plain(layer, nn.Linear)
+            and _plain_tensor(layer.weight) and (layer.bias is None or _plain_tensor(layer.bias))
+            and layer.weight.dtype == torch.float32 and layer.weight.layout == torch.strided
+            and not layer.weight.is_inference()  # no version counter: a change could not be seen
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and (_avx512() or min(layer.in_features, layer.out_features) <= PACKED_LINEAR_MAX_SIDE_AVX2))
+
+
+@lru_cache(maxsize=None)
+def _avx512() -> bool:
+    """torch's CPU kernels use AVX-512 (``ATEN_CPU_CAPABILITY=avx2`` limits them)."""
+    return torch.backends.cpu.get_cpu_capability().startswith(('AVX512', 'AMX'))
+
+
+@torch.jit.unused
+def packed_linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``layer(x)``, then exact GELU (``gelu=True``) or ``+ residual``, as one oneDNN product.
+
+    ``x`` is ``(..., in_features)``, ``residual`` ``(..., out_features)``; the GELU and the add are
+    oneDNN post-ops, applied to each output block while it is in cache. Only where
+    :func:`packed_linear_applies`.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    weight = packed_weight(layer)
+    if residual is not None:
+        out = torch.ops.mkldnn._linear_pointwise.binary(
+            flat, residual.reshape(-1, layer.out_features), weight, layer.bias, 'add')
+    elif gelu:
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight, layer.bias, 'gelu', [], 'none')
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight, layer.bias, 'none', [], '')
+    return out.view(*x.shape[:-1], layer.out_features)
 
 
 # ---- CrossEmbedLayer: large strided kernels as space-to-depth convolutions --------------------

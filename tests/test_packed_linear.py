@@ -1,0 +1,151 @@
+"""Packed oneDNN Linears: the definition's numbers, never a stale pack, only plain Linears, memory bounded."""
+import gc
+import weakref
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossformer import set_speedups
+from crossformer.layers import CrossFormerBlock, speedups
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='torch built without oneDNN')
+
+
+def small_model() -> nn.Module:
+    model = timm.create_model('crossformer_t', embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
+                              num_classes=10, drop_path_rate=0.)
+    with torch.no_grad():  # Linears at PyTorch's own scale, so the MLPs weigh in the logits
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+    return model.eval()
+
+
+def linear(in_features: int = 24, out_features: int = 40) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(in_features, out_features)
+
+
+def packs_of(model: nn.Module) -> list:
+    return [m for m in model.modules() if m in speedups._packed_weights]
+
+
+@pytest.mark.parametrize('tokens', [1, 37, 2500])
+def test_packed_products_equal_the_definitions(tokens):
+    layer = linear()
+    x, residual = torch.randn(tokens, 24), torch.randn(tokens, 40)
+    with torch.no_grad():
+        assert speedups.packed_linear_applies(layer, x)
+        torch.testing.assert_close(speedups.packed_linear(layer, x), F.linear(x, layer.weight, layer.bias),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(speedups.packed_linear(layer, x, gelu=True), F.gelu(layer(x)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(speedups.packed_linear(layer, x, residual=residual), residual + layer(x),
+                                   atol=1e-5, rtol=0)
+        shaped = x.view(1, tokens, 1, 24)  # any leading shape
+        assert speedups.packed_linear(layer, shaped).shape == (1, tokens, 1, 40)
+
+
+@pytest.mark.parametrize('size', [(64, 80), (160, 160)], ids=['padded', 'chunked'])  # 160: 3200 tokens, 4 chunks
+def test_model_with_packed_mlps_equals_the_definition(size):
+    model = small_model()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        fast = model(x)
+        assert len(packs_of(model)) >= 2 * 2  # fc1 and fc2 of stage 1 and 2 (widths 32, 64) at least
+        set_speedups(model, False)
+        plain = model(x)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    assert plain.abs().max() > 1e-2
+
+
+def test_a_pack_is_never_stale():
+    layer = linear()
+    x = torch.randn(5, 24)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(speedups.packed_linear(layer, x), F.linear(x, layer.weight, layer.bias),
+                                       atol=1e-5, rtol=1e-6)
+
+    check()
+    layer.load_state_dict(linear(24, 40).state_dict() | {'weight': torch.randn(40, 24)})  # copied in place
+    check()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
+    layer(x).square().sum().backward()
+    optimizer.step()  # in place
+    check()
+    layer.double().float()  # new storages; the float32 one may land at the old address
+    check()
+    layer.weight.data = torch.randn(40, 24)  # swapped storage, version counter unchanged
+    check()
+    with torch.no_grad():
+        layer.weight[0, 0] = 3.  # an in-place write by hand
+    check()
+
+
+def test_only_plain_linears_without_hooks_are_packed():
+    x = torch.randn(5, 24)
+    hooked = linear()
+    calls = []
+    hooked.register_forward_hook(lambda *_: calls.append(1))
+
+    class Scaled(nn.Linear):  # a subclass (LoRA-like wrappers, stand-ins) keeps its own forward
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Subclassed(torch.Tensor):  # as torchao's quantized weights, on a Linear that stays an nn.Linear
+        pass
+
+    wrapped = linear()
+    wrapped.weight = nn.Parameter(wrapped.weight.detach().as_subclass(Subclassed))
+    quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear()), {nn.Linear}, dtype=torch.qint8)[0]
+    with torch.no_grad():
+        assert speedups.packed_linear_applies(linear(), x)
+        for layer in (hooked, Scaled(24, 40), wrapped, quantized):
+            assert not speedups.packed_linear_applies(layer, x)
+        with torch.inference_mode():
+            frozen = linear()  # an inference tensor has no version counter to tell a change
+        assert not speedups.packed_linear_applies(frozen, x)
+    assert speedups.packed_linear_applies(linear(), x) is False  # autograd on
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not speedups.packed_linear_applies(linear(), x)
+    with torch.no_grad():
+        assert not speedups.packed_linear_applies(linear().to(torch.bfloat16), x.to(torch.bfloat16))
+
+
+def test_a_hooked_mlp_keeps_its_forward_and_is_not_packed():
+    block = CrossFormerBlock(32, 2).eval()
+    calls = []
+    block.mlp.fc1.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        block(torch.randn(1, 7, 7, 32))
+    assert calls == [1]
+    assert packs_of(block) == []
+
+
+def test_packs_are_bounded_and_released_with_the_model():
+    model = small_model()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        first = len(speedups._packed_weights)
+        packed_layers = len(packs_of(model))
+        for scale in (0.5, 2.0):  # new weights each time: replaced, not added
+            model.load_state_dict({k: v * scale for k, v in model.state_dict().items()})
+            model(x)
+    assert len(speedups._packed_weights) == first
+    packed = packs_of(model)
+    assert all(speedups._packed_weights[m].weight.numel() <= 2 * m.weight.numel() for m in packed)
+    set_speedups(model, False)  # the switch drops them
+    assert packs_of(model) == []
+    set_speedups(model, True)
+    with torch.no_grad():
+        model(x)
+    assert len(packs_of(model)) == packed_layers >= 4
+    packed_tensors = [weakref.ref(speedups._packed_weights[m].weight) for m in packs_of(model)]
+    del model, packed
+    gc.collect()
+    assert all(ref() is None for ref in packed_tensors)  # the packed memory went with the model
