@@ -3,6 +3,7 @@
     python benchmarks/benchmark.py                       # all sections, CPU, fp32
     python benchmarks/benchmark.py --sections eval --models crossformer_s crossformer_t
     python benchmarks/benchmark.py --device cuda --batch 128 --amp bf16 --compile
+    python benchmarks/benchmark.py --sections shapes --models crossformer_t crossformerpp_s
 
 Every timing is the median over ``--rounds`` interleaved rounds (each contender once per
 round, in turn), so slow drift of the machine hits all of them alike. Baselines:
@@ -168,6 +169,48 @@ def section_scaling(args, device):
         print(f'| {size} | {t["fused"] * 1e3:.0f} | {t["fused"] / size ** 2 / base:.2f}x | {t["explicit"] / t["fused"]:.2f}x |')
 
 
+def _resident_mib() -> Dict[str, float]:
+    status = dict(line.split(':', 1) for line in open('/proc/self/status'))
+    return {k: int(status[k].split()[0]) / 1024 for k in ('VmRSS', 'VmHWM')}
+
+
+def peak_mib(fn: Callable[[], None], device: torch.device) -> float:
+    """Peak memory of one call above the memory held before it: CUDA allocator peak, or on CPU the
+    process's resident peak (VmHWM, reset through /proc/self/clear_refs), so torch's own allocations count."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # VmHWM := VmRSS
+    before = _resident_mib()['VmRSS']
+    fn()
+    return _resident_mib()['VmHWM'] - before
+
+
+def section_shapes(args, device):
+    print(f'\n## strips and panoramas next to the square of the same pixel count (batch 1, eval, {device}):'
+          f' time of the strip / time of the square (median of {args.rounds} interleaved rounds), peak memory')
+    print('| model | strip | square | strip ms | square ms | time ratio | strip peak MiB | square peak MiB |')
+    print('|---|---|---|---:|---:|---:|---:|---:|')
+    for name in args.models:
+        model = build(name, device, args.compile)
+        for shape in args.shapes:
+            h, w = (int(v) for v in shape.split('x'))
+            side = round((h * w) ** 0.5)
+            strip = torch.randn(1, 3, h, w, device=device)
+            square = torch.randn(1, 3, side, side, device=device)
+            fns = {'strip': lambda: model(strip), 'square': lambda: model(square)}
+            with torch.inference_mode(), autocast(args, device):
+                t = interleaved(fns, args.rounds, device)
+                peak = {k: peak_mib(fn, device) for k, fn in fns.items()}
+            print(f'| {name} | {h}x{w} | {side}x{side} | {t["strip"] * 1e3:.0f} | {t["square"] * 1e3:.0f} '
+                  f'| {t["strip"] / t["square"]:.2f}x | {peak["strip"]:.0f} | {peak["square"]:.0f} |', flush=True)
+
+
 def section_gmacs(args, device):
     print('\n## GMACs at 224 (torch.utils.flop_counter: matmuls and convolutions) next to the paper')
     print('| model | GMACs | paper GFLOPs |')
@@ -176,7 +219,8 @@ def section_gmacs(args, device):
         print(f'| {name} | {gmacs(timm.create_model(name)):.2f} | {paper["gflops"]} |')
 
 
-SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling}
+SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling,
+            'shapes': section_shapes}
 
 
 def main():
@@ -190,6 +234,8 @@ def main():
     parser.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'])
     parser.add_argument('--compile', action='store_true')
     parser.add_argument('--scaling-sizes', nargs='+', type=int, default=[224, 512, 768, 1024])
+    parser.add_argument('--shapes', nargs='+', default=['64x960', '32x1280', '224x1792', '1280x48'],
+                        help='HxW strips for the shapes section, each timed against the square of its pixel count')
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -22,15 +22,14 @@ def relative_position_index(group_h: int, group_w: int, device: Optional[torch.d
     """Row of :func:`relative_offsets` for each (query, key) pair of a group: ``(N, N)`` int64, ``N = Gh*Gw``.
 
     Tokens are numbered row-major inside their group; query ``i`` at ``(hi, wi)`` and key ``j``
-    at ``(hj, wj)`` look up ``(hi - hj + Gh - 1) * (2Gw - 1) + (wi - wj + Gw - 1)``.
+    at ``(hj, wj)`` look up ``(hi - hj + Gh - 1) * (2Gw - 1) + (wi - wj + Gw - 1)``, that is
+    ``p(i) - p(j) + p0`` with ``p(t) = ht * (2Gw - 1) + wt`` and ``p0`` the row of offset (0, 0).
     ``start``/``stop`` give only the rows of queries ``start .. stop-1`` (``stop=-1``: to the end).
     """
-    N = group_h * group_w
-    keys = torch.arange(N, device=device)
-    queries = keys[start:] if stop < 0 else keys[start:stop]
-    rel_h = (queries // group_w)[:, None] - (keys // group_w)[None, :] + (group_h - 1)  # queries, N
-    rel_w = (queries % group_w)[:, None] - (keys % group_w)[None, :] + (group_w - 1)
-    return rel_h * (2 * group_w - 1) + rel_w
+    tokens = torch.arange(group_h * group_w, device=device)
+    p = tokens // group_w * (2 * group_w - 1) + tokens % group_w  # N
+    queries = p[start:] if stop < 0 else p[start:stop]
+    return queries[:, None] - (p - (group_h - 1) * (2 * group_w - 1) - (group_w - 1))[None, :]
 
 
 def gather_bias(table: torch.Tensor, group_h: int, group_w: int, start: int = 0, stop: int = -1) -> torch.Tensor:
@@ -39,7 +38,7 @@ def gather_bias(table: torch.Tensor, group_h: int, group_w: int, start: int = 0,
     ``table`` is ``((2Gh-1) * (2Gw-1), heads)`` (:meth:`DynamicPosBias.offset_table`); returns
     ``(heads, queries, Gh*Gw)``.
     """
-    return table[relative_position_index(group_h, group_w, table.device, start, stop)].permute(2, 0, 1)
+    return table.t()[:, relative_position_index(group_h, group_w, table.device, start, stop)]
 
 
 class DynamicPosBias(PosBiasSpeedups, nn.Module):

@@ -54,7 +54,7 @@ ATTENTION_CHUNK_TOKENS = 1536  # tokens of whole groups per chunk of GroupAttent
 # A group whose attention weights (heads x N x N) would exceed HUGE_GROUP_BYTES is computed
 # QUERY_BLOCK_BYTES of weights at a time (a strip's whole-map group: 16 x 8192 pixels make 8192 tokens).
 HUGE_GROUP_BYTES = 64 * 2 ** 20
-QUERY_BLOCK_BYTES = 16 * 2 ** 20
+QUERY_BLOCK_BYTES = 4 * 2 ** 20
 MLP_CHUNK_TOKENS = 1024  # tokens per chunk of a block's inference MLP residual
 LEAN_MLP_CHUNK_TOKENS = 2048  # tokens per chunk of the lean MLP, CPU fp32 training
 # Space-to-depth pays off where a strided kernel is large and its input narrow (the stem); the
@@ -143,9 +143,8 @@ class AttentionSpeedups(_Speedup):
 
     @torch.jit.unused
     def _huge(self, x: torch.Tensor) -> bool:
-        N = x.shape[1]
-        return (self.num_heads * N * N * x.element_size() > HUGE_GROUP_BYTES and self._eager()
-                and not torch.is_grad_enabled() and not _has_hooks(self))
+        return (self._eager() and not torch.is_grad_enabled()
+                and self.num_heads * x.shape[1] ** 2 * x.element_size() > HUGE_GROUP_BYTES and not _has_hooks(self))
 
     @torch.jit.unused
     def speedup_applies(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
