@@ -18,6 +18,8 @@ FLOPs per second (2 x GMACs) over those of one large fp32 (or ``--amp`` dtype) m
 import argparse
 import contextlib
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -169,31 +171,49 @@ def section_scaling(args, device):
         print(f'| {size} | {t["fused"] * 1e3:.0f} | {t["fused"] / size ** 2 / base:.2f}x | {t["explicit"] / t["fused"]:.2f}x |')
 
 
-def _resident_mib() -> Dict[str, float]:
-    status = dict(line.split(':', 1) for line in open('/proc/self/status'))
-    return {k: int(status[k].split()[0]) / 1024 for k in ('VmRSS', 'VmHWM')}
-
-
-def peak_mib(fn: Callable[[], None], device: torch.device) -> float:
-    """Peak memory of one call above the memory held before it: CUDA allocator peak, or on CPU the
-    process's resident peak (VmHWM, reset through /proc/self/clear_refs), so torch's own allocations count."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+# Peak resident memory of one forward, in a fresh process: the model is built and warmed up on a
+# 32x32 image, the resident peak (VmHWM) is reset to the resident size through /proc/self/clear_refs,
+# then the image runs once. What the allocator kept from earlier inputs cannot hide the peak.
+PEAK_PROBE = r'''
+import sys, timm, torch, crossformer
+name, h, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def status(key):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key)) / 1024
+model = timm.create_model(name).eval()
+with torch.inference_mode():
+    model(torch.randn(1, 3, 32, 32))
+    x = torch.randn(1, 3, h, w)
     with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')  # VmHWM := VmRSS
-    before = _resident_mib()['VmRSS']
-    fn()
-    return _resident_mib()['VmHWM'] - before
+        f.write('5')
+    before = status('VmRSS')
+    model(x)
+    print(status('VmHWM') - before, status('VmRSS') - before)
+'''
+
+
+def peak_mib(name: str, h: int, w: int, device: torch.device) -> float:
+    """Peak memory of one eval forward of an ``h x w`` image above the warmed-up model: the CUDA
+    allocator's peak, or on CPU the resident peak of a fresh process (Linux)."""
+    if device.type == 'cuda':
+        model = timm.create_model(name).to(device).eval()
+        x = torch.randn(1, 3, h, w, device=device)
+        with torch.inference_mode():
+            model(x[..., :32, :32])
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            model(x)
+            torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    out = subprocess.run([sys.executable, '-c', PEAK_PROBE, name, str(h), str(w)], check=True, capture_output=True,
+                         text=True)
+    return float(out.stdout.split()[-2])
 
 
 def section_shapes(args, device):
     print(f'\n## strips and panoramas next to the square of the same pixel count (batch 1, eval, {device}):'
-          f' time of the strip / time of the square (median of {args.rounds} interleaved rounds), peak memory')
+          f' time of the strip / time of the square (median of {args.rounds} interleaved rounds); peak memory'
+          f' of one forward above the warmed-up model')
     print('| model | strip | square | strip ms | square ms | time ratio | strip peak MiB | square peak MiB |')
     print('|---|---|---|---:|---:|---:|---:|---:|')
     for name in args.models:
@@ -206,7 +226,7 @@ def section_shapes(args, device):
             fns = {'strip': lambda: model(strip), 'square': lambda: model(square)}
             with torch.inference_mode(), autocast(args, device):
                 t = interleaved(fns, args.rounds, device)
-                peak = {k: peak_mib(fn, device) for k, fn in fns.items()}
+            peak = {k: peak_mib(name, *size, device) for k, size in (('strip', (h, w)), ('square', (side, side)))}
             print(f'| {name} | {h}x{w} | {side}x{side} | {t["strip"] * 1e3:.0f} | {t["square"] * 1e3:.0f} '
                   f'| {t["strip"] / t["square"]:.2f}x | {peak["strip"]:.0f} | {peak["square"]:.0f} |', flush=True)
 
