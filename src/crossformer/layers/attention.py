@@ -95,6 +95,12 @@ class GroupAttention(AttentionSpeedups, nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    @torch.jit.unused
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                  mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+        """:func:`group_attention` with this layer's choice of fused or explicit attention."""
+        return group_attention(q, k, v, bias, mask, self.fused_attn, dropout_p)
+
     def forward(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.speedup_applies(x, mask):
             return self.speedup(x, group_h, group_w, mask)  # a few groups, or huge groups in query blocks

@@ -75,6 +75,11 @@ class DynamicPosBias(PosBiasSpeedups, nn.Module):
         """The bias of every offset inside a ``Gh x Gw`` group: ``((2Gh-1) * (2Gw-1), num_heads)``."""
         return self.table(relative_offsets(group_h, group_w, device).to(dtype))
 
+    @torch.jit.unused
+    def bias_rows(self, table: torch.Tensor, group_h: int, group_w: int, start: int, stop: int) -> torch.Tensor:
+        """:func:`gather_bias`: queries ``start .. stop-1`` of a ``Gh x Gw`` group, from ``table``."""
+        return gather_bias(table, group_h, group_w, start, stop)
+
     def bias(self, group_h: int, group_w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The bias for a ``Gh x Gw`` group, offsets given in ``dtype`` on ``device``: ``(num_heads, N, N)``."""
         return gather_bias(self.offset_table(group_h, group_w, dtype, device), group_h, group_w)

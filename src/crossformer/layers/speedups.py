@@ -166,8 +166,6 @@ class AttentionSpeedups(_Speedup):
 
     @torch.jit.unused
     def _query_blocks(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        from .attention import group_attention  # the layers' own maths; they import this module
-        from .pos_bias import gather_bias
         B_, N, C = x.shape
         heads, head_dim = self.num_heads, C // self.num_heads
         pos = self.pos
@@ -181,9 +179,8 @@ class AttentionSpeedups(_Speedup):
             attended = torch.empty_like(q)
             for start in range(0, N, step):
                 stop = min(start + step, N)
-                bias = gather_bias(table, group_h, group_w, start, stop)  # heads, queries, N
-                attended[:, :, start:stop] = group_attention(q[:, :, start:stop], k, v, bias, key_mask,
-                                                             self.fused_attn, dropout_p)
+                bias = pos.bias_rows(table, group_h, group_w, start, stop)  # heads, queries, N
+                attended[:, :, start:stop] = self.attention(q[:, :, start:stop], k, v, bias, key_mask, dropout_p)
             out[r] = self.proj_drop(self.proj(attended[0].transpose(0, 1).reshape(N, C)))
         return out
 
