@@ -4,6 +4,7 @@
     python benchmarks/benchmark.py --sections eval --models crossformer_s crossformer_t
     python benchmarks/benchmark.py --device cuda --batch 128 --amp bf16 --compile
     python benchmarks/benchmark.py --sections deploy --batch 1    # vs onnxruntime, OpenVINO: needs .[bench]
+    python benchmarks/benchmark.py --sections shapes --models crossformer_t crossformerpp_s
 
 Every timing is the median over ``--rounds`` interleaved rounds (each contender once per
 round, in turn), so slow drift of the machine hits all of them alike. Baselines:
@@ -25,6 +26,8 @@ import contextlib
 import importlib.util
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -176,6 +179,66 @@ def section_scaling(args, device):
         print(f'| {size} | {t["fused"] * 1e3:.0f} | {t["fused"] / size ** 2 / base:.2f}x | {t["explicit"] / t["fused"]:.2f}x |')
 
 
+# Peak resident memory of one forward, in a fresh process: the model is built and warmed up on a
+# 32x32 image, the resident peak (VmHWM) is reset to the resident size through /proc/self/clear_refs,
+# then the image runs once. What the allocator kept from earlier inputs cannot hide the peak.
+PEAK_PROBE = r'''
+import sys, timm, torch, crossformer
+name, h, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def status(key):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key)) / 1024
+model = timm.create_model(name).eval()
+with torch.inference_mode():
+    model(torch.randn(1, 3, 32, 32))
+    x = torch.randn(1, 3, h, w)
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    before = status('VmRSS')
+    model(x)
+    print(status('VmHWM') - before, status('VmRSS') - before)
+'''
+
+
+def peak_mib(name: str, h: int, w: int, device: torch.device) -> float:
+    """Peak memory of one eval forward of an ``h x w`` image above the warmed-up model: the CUDA
+    allocator's peak, or on CPU the resident peak of a fresh process (Linux)."""
+    if device.type == 'cuda':
+        model = timm.create_model(name).to(device).eval()
+        x = torch.randn(1, 3, h, w, device=device)
+        with torch.inference_mode():
+            model(x[..., :32, :32])
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            model(x)
+            torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    out = subprocess.run([sys.executable, '-c', PEAK_PROBE, name, str(h), str(w)], check=True, capture_output=True,
+                         text=True)
+    return float(out.stdout.split()[-2])
+
+
+def section_shapes(args, device):
+    print(f'\n## strips and panoramas next to the square of the same pixel count (batch 1, eval, {device}):'
+          f' time of the strip / time of the square (median of {args.rounds} interleaved rounds); peak memory'
+          f' of one forward above the warmed-up model')
+    print('| model | strip | square | strip ms | square ms | time ratio | strip peak MiB | square peak MiB |')
+    print('|---|---|---|---:|---:|---:|---:|---:|')
+    for name in args.models:
+        model = build(name, device, args.compile)
+        for shape in args.shapes:
+            h, w = (int(v) for v in shape.split('x'))
+            side = round((h * w) ** 0.5)
+            strip = torch.randn(1, 3, h, w, device=device)
+            square = torch.randn(1, 3, side, side, device=device)
+            fns = {'strip': lambda: model(strip), 'square': lambda: model(square)}
+            with torch.inference_mode(), autocast(args, device):
+                t = interleaved(fns, args.rounds, device)
+            peak = {k: peak_mib(name, *size, device) for k, size in (('strip', (h, w)), ('square', (side, side)))}
+            print(f'| {name} | {h}x{w} | {side}x{side} | {t["strip"] * 1e3:.0f} | {t["square"] * 1e3:.0f} '
+                  f'| {t["strip"] / t["square"]:.2f}x | {peak["strip"]:.0f} | {peak["square"]:.0f} |', flush=True)
+
+
 def section_gmacs(args, device):
     print('\n## GMACs at 224 (torch.utils.flop_counter: matmuls and convolutions) next to the paper')
     print('| model | GMACs | paper GFLOPs |')
@@ -299,7 +362,7 @@ def section_deploy(args, device):
 
 
 SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling,
-            'deploy': section_deploy}
+            'deploy': section_deploy, 'shapes': section_shapes}
 
 
 def main():
@@ -315,6 +378,8 @@ def main():
     parser.add_argument('--deploy', nargs='+', default=DEPLOY_CONTENDERS, choices=DEPLOY_CONTENDERS,
                         help='contenders of the deploy section (onnxruntime and openvino need .[bench])')
     parser.add_argument('--scaling-sizes', nargs='+', type=int, default=[224, 512, 768, 1024])
+    parser.add_argument('--shapes', nargs='+', default=['64x960', '32x1280', '224x1792', '1280x48'],
+                        help='HxW strips for the shapes section, each timed against the square of its pixel count')
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -169,13 +169,13 @@ def test_convert_round_trips_a_reference_checkpoint(capsys, tmp_path):
 
 def test_group_maps_follow_sda_and_lda():
     ids, G, I = group_ids(8, 8, group_size=4, interval=2)
-    assert (G, I, tuple(ids.shape)) == (4, 2, (8, 8))
+    assert (G, I, tuple(ids.shape)) == ((4, 4), 2, (8, 8))
     lda0 = (ids == ids[0, 0]).nonzero().tolist()
     assert lda0 == [[y, x] for y in (0, 2, 4, 6) for x in (0, 2, 4, 6)]  # tokens 2 apart
     ids, _, _ = group_ids(8, 8, group_size=4, interval=1)
     assert (ids == ids[0, 0]).nonzero().tolist() == [[y, x] for y in range(4) for x in range(4)]  # a 4x4 window
-    ids, G, I = group_ids(3, 10, group_size=4, interval=2)  # short side <= G: one group, padded
-    assert (G, I, tuple(ids.shape), int(ids.max())) == (10, 1, (10, 10), 0)
+    ids, G, I = group_ids(3, 10, group_size=4, interval=2)  # short side <= G: one group of all its tokens
+    assert (G, I, tuple(ids.shape), int(ids.max())) == ((3, 10), 1, (3, 10), 0)
 
 
 def test_viz_writes_group_and_dpb_pictures(trained, capsys, tmp_path):

@@ -39,30 +39,31 @@ def test_cross_embed_rejects_kernels_that_do_not_fit_the_stride():
 
 
 @pytest.mark.parametrize('H,W,G,I,expected', [
-    (56, 56, 7, 8, (7, 8, 56, 56)),
-    (72, 72, 7, 8, (7, 8, 112, 112)),   # v1 stage 1 at 288
-    (64, 88, 7, 1, (7, 1, 70, 91)),      # SDA padding
-    (56, 56, 4, 4, (4, 4, 64, 64)),      # ++ pads even at 224
-    (6, 18, 7, 2, (18, 1, 18, 18)),      # small map: one group, side = long side
-    (14, 14, 14, 1, (14, 1, 14, 14)),
+    (56, 56, 7, 8, (7, 7, 8, 56, 56)),
+    (72, 72, 7, 8, (7, 7, 8, 112, 112)),   # v1 stage 1 at 288
+    (64, 88, 7, 1, (7, 7, 1, 70, 91)),      # SDA padding
+    (56, 56, 4, 4, (4, 4, 4, 64, 64)),      # ++ pads even at 224
+    (6, 18, 7, 2, (6, 18, 1, 6, 18)),       # small map: one group of exactly its tokens
+    (60, 4, 7, 8, (60, 4, 1, 60, 4)),
+    (14, 14, 14, 1, (14, 14, 1, 14, 14)),
 ])
 def test_group_layout(H, W, G, I, expected):
     assert group_layout(H, W, G, I) == expected
 
 
-@pytest.mark.parametrize('G,I', [(7, 1), (7, 2), (4, 4), (3, 2)])
-def test_grouping_matches_einops_and_round_trips(G, I):
-    x = torch.randn(2, 2 * G * I, 3 * G * I, 5)
-    groups = group_tokens(x, G, I)
-    oracle = rearrange(x, 'b (rh gh ih) (rw gw iw) c -> (b rh rw ih iw) (gh gw) c', gh=G, ih=I, gw=G, iw=I)
+@pytest.mark.parametrize('Gh,Gw,I', [(7, 7, 1), (7, 7, 2), (4, 4, 4), (3, 3, 2), (2, 5, 1)])
+def test_grouping_matches_einops_and_round_trips(Gh, Gw, I):
+    x = torch.randn(2, 2 * Gh * I, 3 * Gw * I, 5)
+    groups = group_tokens(x, Gh, Gw, I)
+    oracle = rearrange(x, 'b (rh gh ih) (rw gw iw) c -> (b rh rw ih iw) (gh gw) c', gh=Gh, ih=I, gw=Gw, iw=I)
     assert torch.equal(groups, oracle)
-    assert torch.equal(ungroup_tokens(groups, G, I, *x.shape[1:3]), x)
+    assert torch.equal(ungroup_tokens(groups, Gh, Gw, I, *x.shape[1:3]), x)
 
 
 def test_lda_group_members_are_interval_apart():
     G, I = 3, 4
     coords = torch.stack(torch.meshgrid(torch.arange(12), torch.arange(12), indexing='ij'), -1)  # 12, 12, 2
-    groups = group_tokens(coords[None].float(), G, I)  # I*I groups of G*G tokens
+    groups = group_tokens(coords[None].float(), G, G, I)  # I*I groups of G*G tokens
     assert groups.shape == (16, 9, 2)
     # group (ih, iw) = (1, 2): tokens (gh*I + 1, gw*I + 2), row-major over (gh, gw)
     expected = torch.tensor([[gh * I + 1, gw * I + 2] for gh in range(G) for gw in range(G)]).float()
@@ -70,19 +71,19 @@ def test_lda_group_members_are_interval_apart():
 
 
 def test_padding_mask_masks_exactly_the_padded_keys():
-    G, I, Hp, Wp = group_layout(10, 13, 4, 2)  # padded to 16 x 16
-    mask = build_padding_mask(10, 13, G, I, Hp, Wp, torch.device('cpu'))
+    Gh, Gw, I, Hp, Wp = group_layout(10, 13, 4, 2)  # padded to 16 x 16
+    mask = build_padding_mask(10, 13, Gh, Gw, I, Hp, Wp, torch.device('cpu'))
     assert mask.shape == (16, 1, 1, 16)  # (16/8)**2 regions x 2*2 interleaved groups
     assert int((mask == MASK_VALUE).sum()) == 16 * 16 - 10 * 13
     assert set(mask.unique().tolist()) == {0.0, MASK_VALUE}
-    assert build_padding_mask(14, 14, 7, 2, 14, 14, torch.device('cpu')) is None
+    assert build_padding_mask(14, 14, 7, 7, 2, 14, 14, torch.device('cpu')) is None
 
 
 def test_relative_offsets_and_index():
-    offsets = relative_offsets(3)
+    offsets = relative_offsets(3, 3)
     assert offsets.shape == (25, 2)
     assert offsets[0].tolist() == [-2, -2] and offsets[1].tolist() == [-2, -1] and offsets[-1].tolist() == [2, 2]
-    index = relative_position_index(3)
+    index = relative_position_index(3, 3)
     assert index.shape == (9, 9)
     # query (0, 0) [i=0], key (2, 1) [j=7]: offset (-2, -1) -> row 1
     assert index[0, 7] == 1
@@ -90,14 +91,19 @@ def test_relative_offsets_and_index():
     assert (index.diagonal() == 12).all()  # offset (0, 0)
 
 
-@pytest.mark.parametrize('G', [1, 3, 7, 14])
-def test_dpb_any_group_size(G):
+@pytest.mark.parametrize('Gh,Gw', [(1, 1), (3, 3), (7, 7), (14, 14), (2, 9), (5, 1)])
+def test_dpb_any_group_shape(Gh, Gw):
     dpb = DynamicPosBias(8, num_heads=3)
-    bias = dpb(G, torch.float32, torch.device('cpu'))
-    assert bias.shape == (3, G * G, G * G)
-    table = dpb.table(relative_offsets(G))
-    i, j = G * G - 1, 0
-    assert torch.equal(bias[:, i, j], table[relative_position_index(G)[i, j]])
+    bias = dpb(Gh, Gw, torch.float32, torch.device('cpu'))
+    N = Gh * Gw
+    assert bias.shape == (3, N, N)
+    offsets = relative_offsets(Gh, Gw)
+    assert offsets.shape == ((2 * Gh - 1) * (2 * Gw - 1), 2)
+    table = dpb.table(offsets)
+    i, j = N - 1, 0  # query at (Gh-1, Gw-1), key at (0, 0): offset (Gh-1, Gw-1), the last row
+    assert relative_position_index(Gh, Gw)[i, j] == offsets.shape[0] - 1
+    assert torch.equal(bias[:, i, j], table[-1])
+    assert torch.equal(relative_position_index(Gh, Gw)[1:3], relative_position_index(Gh, Gw, start=1, stop=3))
 
 
 def test_dpb_keeps_the_reference_parameter_names():
@@ -108,11 +114,11 @@ def test_dpb_keeps_the_reference_parameter_names():
 def test_fused_and_explicit_attention_agree_with_mask():
     attn = GroupAttention(32, 4).eval()
     x = torch.randn(2 * 4, 16, 32)
-    mask = build_padding_mask(6, 7, 4, 1, 8, 8, torch.device('cpu'))
+    mask = build_padding_mask(6, 7, 4, 4, 1, 8, 8, torch.device('cpu'))
     outs = []
     for fused in (False, True):
         attn.fused_attn = fused
-        outs.append(attn(x, 4, mask))
+        outs.append(attn(x, 4, 4, mask))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 

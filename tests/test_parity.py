@@ -10,8 +10,10 @@ from crossformer import CrossFormer, load_checkpoint, set_speedups
 from conftest import mini_kwargs
 
 RUNS = [(case, run) for case, runs in {
-    'v1_mini': ['cls_224x224', 'cls_288x288', 'dense_256x352', 'dense_224x160', 'dense_96x288'],
-    'pp_mini': ['cls_224x224', 'cls_288x288', 'dense_256x352', 'dense_224x160', 'dense_96x288'],
+    'v1_mini': ['cls_224x224', 'cls_288x288', 'dense_256x352', 'dense_224x160', 'dense_96x288', 'dense_64x960',
+                'dense_32x640'],
+    'pp_mini': ['cls_224x224', 'cls_288x288', 'dense_256x352', 'dense_224x160', 'dense_96x288', 'dense_64x960',
+                'dense_32x640'],
 }.items() for run in runs]
 TOL = dict(atol=1e-4, rtol=1e-4)
 

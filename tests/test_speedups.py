@@ -37,18 +37,18 @@ def test_switch_turns_every_speedup_and_fused_attention_off():
 def test_dpb_cache_is_used_without_grad_and_never_stale():
     dpb = DynamicPosBias(8, num_heads=2)
     with torch.no_grad():
-        first = dpb(5, torch.float32, CPU)
-        assert dpb(5, torch.float32, CPU) is first  # cached
+        first = dpb(5, 5, torch.float32, CPU)
+        assert dpb(5, 5, torch.float32, CPU) is first  # cached
         dpb.pos3[2].bias.add_(1.0)  # an optimizer step or load_state_dict bumps the version
-        updated = dpb(5, torch.float32, CPU)
+        updated = dpb(5, 5, torch.float32, CPU)
     torch.testing.assert_close(updated, first + 1.0)
-    assert dpb(5, torch.float32, CPU).requires_grad  # with grad: recomputed, differentiable
+    assert dpb(5, 5, torch.float32, CPU).requires_grad  # with grad: recomputed, differentiable
     dpb.load_state_dict(DynamicPosBias(8, num_heads=2).state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(dpb(5, torch.float32, CPU), dpb.bias(5, torch.float32, CPU))
-        assert not torch.allclose(dpb(5, torch.float32, CPU), updated)
+        torch.testing.assert_close(dpb(5, 5, torch.float32, CPU), dpb.bias(5, 5, torch.float32, CPU))
+        assert not torch.allclose(dpb(5, 5, torch.float32, CPU), updated)
         dpb.to(torch.bfloat16)  # another dtype after a forward: no stale float32 bias
-        assert dpb(5, torch.bfloat16, CPU).dtype == torch.bfloat16
+        assert dpb(5, 5, torch.bfloat16, CPU).dtype == torch.bfloat16
 
 
 def test_dpb_cache_steps_aside_for_hooks_and_wrapped_layers():
@@ -56,8 +56,8 @@ def test_dpb_cache_steps_aside_for_hooks_and_wrapped_layers():
     calls = []
     handle = dpb.pos_proj.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
-        dpb(5, torch.float32, CPU)
-        dpb(5, torch.float32, CPU)
+        dpb(5, 5, torch.float32, CPU)
+        dpb(5, 5, torch.float32, CPU)
     assert len(calls) == 2  # not served from the cache
     handle.remove()
     assert not dpb.speedup_applies() or len(calls) == 2
@@ -188,13 +188,13 @@ def test_chunked_attention_inference_matches_plain(fused, monkeypatch):
         for m in (None, mask):
             assert attn.speedup_applies(x, m)
             attn.fused_attn = fused
-            chunked = attn(x, 3, m)
+            chunked = attn(x, 3, 3, m)
             set_speedups(attn, False)
             attn.fused_attn = fused
-            plain = attn(x, 3, m)
+            plain = attn(x, 3, 3, m)
             set_speedups(attn, True)
             torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
-        assert not torch.allclose(attn(x, 3, mask), attn(x, 3, None))  # the mask matters here
+        assert not torch.allclose(attn(x, 3, 3, mask), attn(x, 3, 3, None))  # the mask matters here
 
 
 def test_model_speedups_on_and_off_agree_in_eval_and_training():

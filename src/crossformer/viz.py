@@ -22,17 +22,19 @@ from .layers import group_layout, group_tokens, relative_offsets
 __all__ = ['group_ids', 'plot_groups', 'dpb_table', 'plot_dpb', 'explain']
 
 
-def group_ids(height: int, width: int, group_size: int, interval: int) -> Tuple[torch.Tensor, int, int]:
-    """Group index of every token of the padded map, ``(Hp, Wp)`` int64, and the ``(G, I)`` used.
+def group_ids(height: int, width: int, group_size: int,
+              interval: int) -> Tuple[torch.Tensor, Tuple[int, int], int]:
+    """Group index of every token of the padded map, ``(Hp, Wp)`` int64, the group shape ``(Gh, Gw)``
+    and the interval used.
 
     The small-map rule applies as in the model: a map whose short side is at most G is one group.
     """
-    G, I, Hp, Wp = group_layout(height, width, group_size, interval)
+    Gh, Gw, I, Hp, Wp = group_layout(height, width, group_size, interval)
     positions = torch.arange(Hp * Wp, dtype=torch.float64).view(1, Hp, Wp, 1)
-    grouped = group_tokens(positions, G, I).squeeze(-1).long()  # groups, G*G
+    grouped = group_tokens(positions, Gh, Gw, I).squeeze(-1).long()  # groups, Gh*Gw
     ids = torch.empty(Hp * Wp, dtype=torch.long)
-    ids[grouped.reshape(-1)] = torch.arange(grouped.shape[0]).repeat_interleave(G * G)
-    return ids.view(Hp, Wp), G, I
+    ids[grouped.reshape(-1)] = torch.arange(grouped.shape[0]).repeat_interleave(Gh * Gw)
+    return ids.view(Hp, Wp), (Gh, Gw), I
 
 
 def _pyplot():
@@ -43,7 +45,7 @@ def _pyplot():
 
 
 def _draw_groups(ax, height: int, width: int, group_size: int, interval: int) -> None:
-    ids, G, I = group_ids(height, width, group_size, interval)
+    ids, (Gh, Gw), I = group_ids(height, width, group_size, interval)
     Hp, Wp = ids.shape
     n = int(ids.max()) + 1
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # neighbours get distinct colours
@@ -56,7 +58,7 @@ def _draw_groups(ax, height: int, width: int, group_size: int, interval: int) ->
     ys, xs = np.nonzero((ids == ids[0, 0]).numpy())
     ax.scatter(xs, ys, s=max(2, 900 / max(Hp, Wp)), c='black', marker='o')
     kind = 'SDA' if I == 1 else f'LDA, interval {I}'
-    ax.set_title(f'{kind}: {n} groups of {G}x{G}' + (f', padded to {Hp}x{Wp}' if pad.any() else ''), fontsize=9)
+    ax.set_title(f'{kind}: {n} groups of {Gh}x{Gw}' + (f', padded to {Hp}x{Wp}' if pad.any() else ''), fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -77,7 +79,7 @@ def dpb_table(block: nn.Module, group_size: int) -> torch.Tensor:
     pos = block.attn.pos
     with torch.no_grad():
         ref = next(pos.parameters())
-        offsets = relative_offsets(group_size, ref.device).to(ref.dtype)
+        offsets = relative_offsets(group_size, group_size, ref.device).to(ref.dtype)
         table = pos.table(offsets)  # (2G-1)^2, heads
     side = 2 * group_size - 1
     return table.T.reshape(-1, side, side).float().cpu()
@@ -129,7 +131,7 @@ def explain(model: nn.Module, img_size: Sequence[int], output, name: str = 'mode
         written.append(plot_groups(H, W, lda.group_size, lda.interval, output / f'groups_stage{i}.png',
                                    title=f'{name} stage {i}: {H}x{W} tokens (stride {stride})'))
         for j, block in enumerate(blocks[:2]):
-            G = group_layout(H, W, block.group_size, block.interval)[0]
+            G = max(group_layout(H, W, block.group_size, block.interval)[:2])  # offsets of a whole-map group too
             kind = 'SDA' if j % 2 == 0 else 'LDA'
             written.append(plot_dpb(block, G, output / f'dpb_stage{i}_block{j}.png',
                                     title=f'{name} stage {i} block {j} ({kind}): DPB bias for {G}x{G} groups, '

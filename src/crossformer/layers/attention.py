@@ -31,15 +31,16 @@ def group_attention(
         fused: bool,
         dropout_p: float = 0.,
 ) -> torch.Tensor:
-    """Softmax attention of ``(B * groups, heads, N, head_dim)`` queries, keys and values.
+    """Softmax attention of ``(B * groups, heads, Nq, head_dim)`` queries on ``Nk`` keys and values.
 
-    ``bias`` is ``(heads, N, N)``, the same for every group; ``mask`` is ``(groups, 1, 1, N)``
+    ``bias`` is ``(heads, Nq, Nk)``, the same for every group; ``mask`` is ``(groups, 1, 1, Nk)``
     additive (padded keys) or None. A pure function, so tracing (FX) records it as one call.
     """
-    B_, heads, N, head_dim = q.shape
-    bias = bias.unsqueeze(0)  # 1, heads, N, N
+    B_, heads, Nq, head_dim = q.shape
+    Nk = k.shape[2]
+    bias = bias.unsqueeze(0)  # 1, heads, Nq, Nk
     if mask is not None:
-        bias = bias + mask  # groups, heads, N, N: one per group position, the same for every image
+        bias = bias + mask  # groups, heads, Nq, Nk: one per group position, the same for every image
         if q.dtype == torch.float16:
             bias = bias.clamp_min(-3e4)  # -1e6 would become -inf: NaN in a group of padding only
     bias = bias.to(q.dtype)
@@ -48,13 +49,13 @@ def group_attention(
     if fused and not (bias.requires_grad and q.device.type == 'cpu'):
         if mask is not None:
             # SDPA's fast CPU kernel takes a 4-D mask only, so expand it over the images
-            bias = bias.expand(B_ // mask.shape[0], -1, -1, -1, -1).reshape(B_, heads, N, N)
+            bias = bias.expand(B_ // mask.shape[0], -1, -1, -1, -1).reshape(B_, heads, Nq, Nk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
-        attn = attn.view(-1, mask.shape[0], heads, N, N)  # B, groups, heads, N, N
+        attn = attn.view(-1, mask.shape[0], heads, Nq, Nk)  # B, groups, heads, Nq, Nk
     attn = F.dropout((attn + bias).softmax(dim=-1), dropout_p, training=dropout_p > 0.)
-    return attn.view(B_, heads, N, N) @ v
+    return attn.view(B_, heads, Nq, Nk) @ v
 
 
 torch.fx.wrap('group_attention')
@@ -63,9 +64,10 @@ torch.fx.wrap('group_attention')
 class GroupAttention(AttentionSpeedups, nn.Module):
     """Multi-head self-attention inside each group of tokens.
 
-    ``forward(x, group_size, mask)``: ``x`` is ``(B * num_groups, G*G, C)``, groups ordered
-    image-major; ``mask`` is ``(num_groups, 1, 1, G*G)`` additive or None. Returns the same
-    shape as ``x``. Grouping (SDA or LDA) happens outside: to attention a group is a group.
+    ``forward(x, group_h, group_w, mask)``: ``x`` is ``(B * num_groups, Gh*Gw, C)``, groups
+    ordered image-major, tokens row-major inside a ``Gh x Gw`` group; ``mask`` is
+    ``(num_groups, 1, 1, Gh*Gw)`` additive or None. Returns the same shape as ``x``. Grouping
+    (SDA or LDA) happens outside: to attention a group is a group.
     """
 
     def __init__(
@@ -93,13 +95,19 @@ class GroupAttention(AttentionSpeedups, nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, group_size: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    @torch.jit.unused
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                  mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+        """:func:`group_attention` with this layer's choice of fused or explicit attention."""
+        return group_attention(q, k, v, bias, mask, self.fused_attn, dropout_p)
+
+    def forward(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.speedup_applies(x, mask):
-            return self.speedup(x, group_size, mask)  # CPU inference, a few groups at a time
+            return self.speedup(x, group_h, group_w, mask)  # a few groups, or huge groups in query blocks
         B_, N, C = x.shape
         qkv = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # B_, heads, N, head_dim
-        bias = self.pos(group_size, q.dtype, q.device)  # heads, N, N
+        bias = self.pos(group_h, group_w, q.dtype, q.device)  # heads, N, N
         dropout_p = self.attn_drop.p if self.training else 0.
         x = group_attention(q, k, v, bias, mask, self.fused_attn, dropout_p)
         x = x.transpose(1, 2).reshape(B_, N, C)

@@ -30,7 +30,8 @@ class CrossFormerBlock(BlockSpeedups, nn.Module):
 
     ``interval=1`` gives short-distance attention (SDA, adjacent ``G x G`` tokens); a larger
     interval gives long-distance attention (LDA, tokens ``interval`` apart). Maps of any size
-    are padded to the group grid and the padded keys masked. With ``cooling=True`` (the
+    are padded to the group grid and the padded keys masked; a map whose short side is at most
+    ``group_size`` is one group of all its tokens. With ``cooling=True`` (the
     CrossFormer++ activation cooling layer, ACL) the output is replaced by
     ``LayerNorm(depthwise_conv3x3(x))``.
     """
@@ -71,12 +72,12 @@ class CrossFormerBlock(BlockSpeedups, nn.Module):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """SDA or LDA over the groups of a ``(B, H, W, C)`` map, padded to the group grid and cropped back."""
         B, H, W, C = x.shape
-        G, I, Hp, Wp = group_layout(H, W, self.group_size, self.interval)
-        mask = padding_mask(H, W, G, I, Hp, Wp, x.device)
+        Gh, Gw, I, Hp, Wp = group_layout(H, W, self.group_size, self.interval)
+        mask = padding_mask(H, W, Gh, Gw, I, Hp, Wp, x.device)
         if mask is not None:
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
-        x = self.attn(group_tokens(x, G, I), G, mask)  # B * groups, G*G, C
-        x = ungroup_tokens(x, G, I, Hp, Wp)
+        x = self.attn(group_tokens(x, Gh, Gw, I), Gh, Gw, mask)  # B * groups, Gh*Gw, C
+        x = ungroup_tokens(x, Gh, Gw, I, Hp, Wp)
         return x[:, :H, :W] if mask is not None else x
 
     def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ speed-up                          layer                 condition
 ================================  ====================  =============================================
 token chunks                      GroupAttention,       :func:`_cpu_inference`: CPU inference (eval,
                                   block MLP residual    no grad, no autocast), more than a chunk
+query blocks of a huge group      GroupAttention        :meth:`AttentionSpeedups._huge`: no grad, any
+                                                        device, attention over HUGE_GROUP_BYTES
 lean MLP (GELU recomputed)        block MLP residual    :meth:`BlockSpeedups._lean_applies`: training
                                                         with autograd, on any device
 space-to-depth convolutions       CrossEmbedLayer       :meth:`CrossEmbedSpeedups.speedup_applies`:
@@ -22,15 +24,22 @@ DPB bias cache                    DynamicPosBias        no gradient recorded
 padding-mask cache                :func:`padding_mask`  eager
 ================================  ====================  =============================================
 
+The two caches are bounded in bytes, shared by every model of the process, least recently used
+first out, and safe under threads (:class:`ByteBoundedCache`): DPB biases and offset tables at most
+``DPB_CACHE_BYTES`` (128 MiB), none above ``DPB_CACHE_ENTRY_BYTES`` (8 MiB, recomputed on every
+call instead); padding masks at most ``MASK_CACHE_BYTES`` (16 MiB), none above 4 MiB.
+
 And for all of them: never while a graph is captured (TorchScript, ``torch.jit.trace`` and so
 ONNX, FX, ``torch.compile``), so a graph records the definition; never past a layer that is not
 the plain torch module a speed-up was tuned for (a LoRA wrapper, a quantized Linear) or that has
 hooks: a speed-up calls such a layer as it is, or steps aside. :func:`set_speedups` turns every
 one of them off for a whole model, timm's fused attention (SDPA) included.
 """
+import threading
 import weakref
+from collections import OrderedDict
 from functools import lru_cache
-from typing import Dict, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +49,17 @@ from timm.layers import use_fused_attn
 
 from .grouping import build_padding_mask
 
-__all__ = ['set_speedups', 'capturing', 'padding_mask', 'gelu_linear', 'space_to_depth_conv',
+__all__ = ['set_speedups', 'capturing', 'padding_mask', 'gelu_linear', 'space_to_depth_conv', 'ByteBoundedCache',
            'packed_linear', 'packed_linear_applies', 'packed_weight',
            'AttentionSpeedups', 'BlockSpeedups', 'CrossEmbedSpeedups', 'PosBiasSpeedups']
 
 # Tuned on 2 CPU cores (benchmarks/benchmark.py): enough tokens that the matmuls stay efficient,
 # few enough that a chunk's wide intermediates stay in cache.
 ATTENTION_CHUNK_TOKENS = 1536  # tokens of whole groups per chunk of GroupAttention
+# A group whose attention weights (heads x N x N) would exceed HUGE_GROUP_BYTES is computed
+# QUERY_BLOCK_BYTES of weights at a time (a strip's whole-map group: 16 x 8192 pixels make 8192 tokens).
+HUGE_GROUP_BYTES = 64 * 2 ** 20
+QUERY_BLOCK_BYTES = 4 * 2 ** 20
 MLP_CHUNK_TOKENS = 1024  # tokens per chunk of a block's inference MLP residual
 LEAN_MLP_CHUNK_TOKENS = 2048  # tokens per chunk of the lean MLP, CPU fp32 training
 # Where oneDNN's packed product beats torch's default (MKL) fp32 product (benchmarks/): with
@@ -118,13 +131,19 @@ def _cpu_inference(layer: nn.Module, x: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled('cpu') and not _has_hooks(layer))
 
 
-# ---- GroupAttention: a few groups at a time ------------------------------------------------------
+# ---- GroupAttention: a few groups at a time, huge groups in blocks of queries ---------------------
 
 class AttentionSpeedups(_Speedup):
-    """For :class:`~crossformer.layers.GroupAttention`: CPU inference a few groups at a time.
+    """For :class:`~crossformer.layers.GroupAttention`: a few groups at a time, or a huge group a
+    block of queries at a time.
 
-    Each chunk's q, k, v and attention weights stay in cache. A chunk never spans two images, so
-    it takes a slice of the padding mask; each chunk runs the layer's own ``forward``.
+    - CPU inference: each chunk's q, k, v and attention weights stay in cache. A chunk never spans
+      two images, so it takes a slice of the padding mask; each chunk runs the layer's own ``forward``.
+    - A huge group (its ``heads x N x N`` attention over :data:`HUGE_GROUP_BYTES`) while no gradient
+      is recorded, on any device: queries go :data:`QUERY_BLOCK_BYTES` of attention weights at a
+      time, each block's bias rows gathered from the group's ``(2Gh-1)(2Gw-1)`` offset table, so
+      peak memory grows with ``N``, not ``N**2`` (time stays quadratic, as in the definition).
+      Under autograd the group is computed whole, as its backward needs every weight anyway.
     """
     fused_attn: bool
 
@@ -134,11 +153,18 @@ class AttentionSpeedups(_Speedup):
         return max(1, min(ATTENTION_CHUNK_TOKENS // x.shape[1], groups))
 
     @torch.jit.unused
-    def speedup_applies(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
-        return _cpu_inference(self, x) and x.shape[0] > self._groups_per_chunk(x, mask)
+    def _huge(self, x: torch.Tensor) -> bool:
+        return (self._eager() and not torch.is_grad_enabled()
+                and self.num_heads * x.shape[1] ** 2 * x.element_size() > HUGE_GROUP_BYTES and not _has_hooks(self))
 
     @torch.jit.unused
-    def speedup(self, x: torch.Tensor, group_size: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def speedup_applies(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+        return self._huge(x) or (_cpu_inference(self, x) and x.shape[0] > self._groups_per_chunk(x, mask))
+
+    @torch.jit.unused
+    def speedup(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if self._huge(x):
+            return self._query_blocks(x, group_h, group_w, mask)
         groups = x.shape[0] if mask is None else mask.shape[0]
         step = self._groups_per_chunk(x, mask)
         out = torch.empty_like(x)
@@ -146,7 +172,27 @@ class AttentionSpeedups(_Speedup):
             for g in range(0, groups, step):
                 n = min(step, groups - g)
                 rows = slice(start + g, start + g + n)
-                out[rows] = self.forward(x[rows], group_size, None if mask is None else mask[g:g + n])
+                out[rows] = self.forward(x[rows], group_h, group_w, None if mask is None else mask[g:g + n])
+        return out
+
+    @torch.jit.unused
+    def _query_blocks(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        B_, N, C = x.shape
+        heads, head_dim = self.num_heads, C // self.num_heads
+        pos = self.pos
+        table = (pos.speedup_table if pos.speedup_applies() else pos.offset_table)(group_h, group_w, x.dtype, x.device)
+        step = max(1, QUERY_BLOCK_BYTES // (heads * N * x.element_size()))
+        dropout_p = self.attn_drop.p if self.training else 0.
+        out = torch.empty_like(x)
+        for r in range(B_):
+            q, k, v = self.qkv(x[r]).view(N, 3, heads, head_dim).permute(1, 2, 0, 3)[:, None].unbind(0)  # 1, heads, N, hd
+            key_mask = None if mask is None else mask[r % mask.shape[0]][None]  # 1, 1, 1, N
+            attended = torch.empty_like(q)
+            for start in range(0, N, step):
+                stop = min(start + step, N)
+                bias = pos.bias_rows(table, group_h, group_w, start, stop)  # heads, queries, N
+                attended[:, :, start:stop] = self.attention(q[:, :, start:stop], k, v, bias, key_mask, dropout_p)
+            out[r] = self.proj_drop(self.proj(attended[0].transpose(0, 1).reshape(N, C)))
         return out
 
 
@@ -391,16 +437,78 @@ class CrossEmbedSpeedups(_Speedup):
 
 # ---- caches ------------------------------------------------------------------------------------
 
-_bias_caches: 'weakref.WeakKeyDictionary[nn.Module, Dict[tuple, torch.Tensor]]' = weakref.WeakKeyDictionary()
+class ByteBoundedCache:
+    """A least-recently-used map of tensors, bounded in bytes, safe to share between threads.
+
+    Holds at most ``max_bytes`` of tensors; a value over ``max_entry_bytes`` is never stored. Values
+    are computed outside the lock (two threads may compute the same one; both get equal tensors),
+    and must be treated as read-only.
+    """
+
+    def __init__(self, max_bytes: int, max_entry_bytes: int):
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_entry_bytes
+        self._entries: 'OrderedDict[tuple, torch.Tensor]' = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held now."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple) -> Optional[torch.Tensor]:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: torch.Tensor, drop=None) -> torch.Tensor:
+        """Store ``value`` under ``key`` (if small enough) and return it; first remove the entries for
+        which ``drop(key)`` is true, then the least recently used ones until it fits."""
+        size = value.untyped_storage().nbytes()
+        with self._lock:
+            if drop is not None:
+                for stale in [k for k in self._entries if drop(k)]:
+                    self._bytes -= self._entries.pop(stale).untyped_storage().nbytes()
+            if size > min(self.max_entry_bytes, self.max_bytes) or key in self._entries:
+                return value
+            while self._entries and self._bytes + size > self.max_bytes:
+                self._bytes -= self._entries.popitem(last=False)[1].untyped_storage().nbytes()
+            self._entries[key] = value
+            self._bytes += size
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+# The DPB biases (heads x N x N per group shape and block) and offset tables of every model in the
+# process, together; a bias of a large group is recomputed on every call instead.
+DPB_CACHE_BYTES = 128 * 2 ** 20
+DPB_CACHE_ENTRY_BYTES = 8 * 2 ** 20
+# The padding masks of every shape, together (a mask is groups x Gh*Gw floats).
+MASK_CACHE_BYTES = 16 * 2 ** 20
+MASK_CACHE_ENTRY_BYTES = 4 * 2 ** 20
+
+dpb_cache = ByteBoundedCache(DPB_CACHE_BYTES, DPB_CACHE_ENTRY_BYTES)
+mask_cache = ByteBoundedCache(MASK_CACHE_BYTES, MASK_CACHE_ENTRY_BYTES)
 _DPB_PLAIN_TYPES = (nn.Linear, nn.LayerNorm, nn.ReLU, nn.Sequential)
 
 
 class PosBiasSpeedups(_Speedup):
-    """For :class:`~crossformer.layers.DynamicPosBias`: the bias cached per group size while no
-    gradient is recorded.
+    """For :class:`~crossformer.layers.DynamicPosBias`: the bias and the offset table cached per
+    group shape while no gradient is recorded, in :data:`dpb_cache`.
 
-    The key holds the dtype, the device and each parameter's storage and version counter, so an
-    optimizer step, ``load_state_dict`` or ``.to()`` is never served a stale bias.
+    The key holds the module (weakly: a dead module's entries are dropped, never served to a new
+    one), the dtype, the device and each parameter's storage and version counter, so an optimizer
+    step, ``load_state_dict`` or ``.to()`` is never served a stale bias.
     """
 
     @torch.jit.unused
@@ -409,30 +517,43 @@ class PosBiasSpeedups(_Speedup):
                 and all(type(m) in _DPB_PLAIN_TYPES for m in list(self.modules())[1:]))
 
     @torch.jit.unused
-    def speedup(self, group_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        params = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        key = (group_size, dtype, device, params)
-        cache = _bias_caches.setdefault(self, {})
-        if key not in cache:
-            for stale in [k for k in cache if k[1:] != key[1:]]:
-                del cache[stale]
-            cache[key] = self.bias(group_size, dtype, device)
-        return cache[key]
+    def _cached(self, kind: str, group_h: int, group_w: int, dtype: torch.dtype, device: torch.device, compute):
+        owner = weakref.ref(self)
+        state = (dtype, device, tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        key = (owner, kind, group_h, group_w) + state
+        value = dpb_cache.get(key)
+        if value is None:
+            value = dpb_cache.put(key, compute(group_h, group_w, dtype, device),
+                                  drop=lambda k: k[0]() is None or (k[0] == owner and k[4:] != state))
+        return value
 
+    @torch.jit.unused
+    def speedup(self, group_h: int, group_w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self._cached('bias', group_h, group_w, dtype, device, self.bias)
 
-_mask_cache = lru_cache(maxsize=64)(build_padding_mask)
+    @torch.jit.unused
+    def speedup_table(self, group_h: int, group_w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """:meth:`~crossformer.layers.DynamicPosBias.offset_table`, cached like the bias."""
+        return self._cached('table', group_h, group_w, dtype, device, self.offset_table)
 
 
 @torch.jit.unused
-def _cached_padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
-                         device: torch.device) -> Optional[torch.Tensor]:
-    return _mask_cache(height, width, group_size, interval, padded_h, padded_w, device)
+def _cached_padding_mask(height: int, width: int, group_h: int, group_w: int, interval: int, padded_h: int,
+                         padded_w: int, device: torch.device) -> Optional[torch.Tensor]:
+    if height == padded_h and width == padded_w:
+        return None
+    key = (height, width, group_h, group_w, interval, padded_h, padded_w, device)
+    mask = mask_cache.get(key)
+    if mask is None:
+        mask = mask_cache.put(key, build_padding_mask(height, width, group_h, group_w, interval, padded_h, padded_w,
+                                                      device))
+    return mask
 
 
-def padding_mask(height: int, width: int, group_size: int, interval: int, padded_h: int, padded_w: int,
+def padding_mask(height: int, width: int, group_h: int, group_w: int, interval: int, padded_h: int, padded_w: int,
                  device: torch.device) -> Optional[torch.Tensor]:
     """:func:`~crossformer.layers.grouping.build_padding_mask`, cached per shape and device in eager
-    mode; treat the result as read-only."""
+    mode (in :data:`mask_cache`); treat the result as read-only."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return build_padding_mask(height, width, group_size, interval, padded_h, padded_w, device)
-    return _cached_padding_mask(height, width, group_size, interval, padded_h, padded_w, device)
+        return build_padding_mask(height, width, group_h, group_w, interval, padded_h, padded_w, device)
+    return _cached_padding_mask(height, width, group_h, group_w, interval, padded_h, padded_w, device)
