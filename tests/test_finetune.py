@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from crossformer import CrossFormer
 from crossformer.cli import main
 from crossformer.hub import write_model_folder
-from crossformer.train import FINETUNE_RECIPE, Trainer, load_config
+from crossformer.errors import ConfigError
+from crossformer.train import FINETUNE_RECIPE, TrainConfig, Trainer, load_config
 from crossformer.train.config import DIGITS_RECIPE
 from crossformer.train.engine import stage_param_groups
 from crossformer.train.pretrained import describe_model, identify_variant, load_pretrained
@@ -216,6 +217,9 @@ def test_layer_decay_groups_are_the_stages():
                         0.0625: {'layers.0'}, 0.03125: {'patch_embed'}}
     assert sum(len(m) for m in by_scale.values()) == len(names)
     assert groups[0]['lr_scale'] == 1.0
+    for bad in (dict(layer_decay=0), dict(layer_decay=1.5), dict(head_init_scale=0)):
+        with pytest.raises(ConfigError, match=f'{next(iter(bad))} must be'):
+            TrainConfig(**bad)
 
 
 def test_layer_decay_scales_each_stage_lr_from_the_first_update(data_dir, tmp_path, caplog):

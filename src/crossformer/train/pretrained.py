@@ -54,17 +54,20 @@ def _shapes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=None)
-def _variant_shapes(name: str) -> Tuple[Dict[str, Tuple[int, ...]], int]:
-    """The published variant's key -> shape (no head) and its parameter count with the 1000-class head."""
-    model = timm.create_model(name, device='meta')
-    return _shapes(model.state_dict()), sum(p.numel() for p in model.parameters())
+def _variant_shapes(name: str) -> Dict[str, Tuple[int, ...]]:
+    """The published variant's key -> shape, head aside (built on the meta device: shapes only)."""
+    return _shapes(timm.create_model(name, device='meta').state_dict())
 
 
 def identify_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """The registered variant whose tensors (head aside) have exactly the shapes of ``state_dict``, or None."""
-    shapes = _shapes(state_dict)
-    for name in variant_names():
-        if _variant_shapes(name)[0] == shapes:
+    """The registered variant whose tensors (head aside) have exactly the shapes of ``state_dict``, or None.
+
+    Variants are tried nearest parameter count first (the papers' counts), so a match is usually the first built.
+    """
+    shapes, params = _shapes(state_dict), _params(state_dict)
+    nearest = sorted(variant_names(), key=lambda n: abs(PAPER_RESULTS.get(n, {}).get('params_m', 0) * 1e6 - params))
+    for name in nearest:
+        if _variant_shapes(name) == shapes:
             return name
     return None
 
@@ -79,8 +82,8 @@ def _head_classes(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
 
 
 def _largest_variant_bytes() -> int:
-    """The memory bound of the largest registered variant: what reading a file to name its variant may take."""
-    return MAX_BYTES_PER_MODEL_BYTE * 4 * max(_variant_shapes(n)[1] for n in variant_names()) + 2 ** 26
+    """The memory bound of the largest variant (the papers' counts): what reading a file to name its variant may take."""
+    return MAX_BYTES_PER_MODEL_BYTE * 4 * int(max(r['params_m'] for r in PAPER_RESULTS.values()) * 1e6) + 2 ** 26
 
 
 def _mismatch(source: str, weights: Path, state_dict: Optional[StateDict], model: nn.Module,
