@@ -1,5 +1,6 @@
 """Fine-tuning: the folder recipe, a name meaning its model, --pretrained files, layer-wise lr decay, 384 px."""
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_a_folder_without_config_gets_the_finetuning_recipe(data_dir, capsys, mo
                                                     initial_checkpoint=str(tmp_path / 'w.pth')))
     assert (cfg.model, cfg.model_kwargs, cfg.img_size, cfg.dataset) == ('crossformer_s', {}, 224, 'folder')
     assert (cfg.layer_decay, cfg.mixup, cfg.cutmix, cfg.smoothing, cfg.drop_path_rate) == (0.75, 0, 0, 0.1, 0.1)
-    assert cfg.lr < load_config(ROOT / 'configs' / 'imagenet.yaml').lr and cfg.epochs == 30
+    assert (cfg.lr, cfg.lr_base_size, cfg.head_init_scale, cfg.epochs, cfg.warmup_epochs) == (1e-3, 512, 1e-3, 30, 3)
     # configs/finetune.yaml names the packaged file; without --data-dir the digits stay the default
     assert load_config(ROOT / 'configs' / 'finetune.yaml') == load_config(FINETUNE_RECIPE)
     assert run(capsys, 'train', '--no-progress')[0] == 130
@@ -182,24 +183,23 @@ def test_a_file_that_is_not_a_checkpoint_keeps_its_own_error(data_dir, tmp_path,
 
 # ---- resolution and layer decay -----------------------------------------------------------------
 
-def test_finetuning_at_384_from_224_weights_loads_as_is(crossformer_t_file):
+def test_finetuning_at_384_from_224_weights_loads_as_is(tiny_1000, tmp_path):
     """The DPB computes the position bias from offsets: no table sized by the training resolution to resize."""
-    path, state = crossformer_t_file
-    model = timm.create_model('crossformer_t', num_classes=3)
-    load_pretrained(model, path, 'crossformer_t')
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()
-               if 'attn.pos' in k)  # every DPB weight exactly as saved
+    path = paper_file(tmp_path / 'trained_at_224.pth', tiny_1000)
+    model = CrossFormer(num_classes=3, **TINY_MODEL)
+    load_pretrained(model, path, 'tiny')
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny_1000.items() if not k.startswith('head.'))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
-    x, y = torch.randn(1, 3, 384, 384), torch.tensor([2])
+    x, y = torch.randn(2, 3, 384, 384), torch.tensor([2, 0])
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    dpb = model.layers[0].blocks[0].attn.pos.pos_proj.weight
+    dpb = model.layers[2].blocks[0].attn.pos.pos_proj.weight  # (stage 1's one-channel DPB has a constant LayerNorm)
     assert torch.isfinite(loss) and dpb.grad is not None and dpb.grad.abs().sum() > 0
     optimizer.step()
     model.eval()
     with torch.no_grad():
-        assert model(x).shape == (1, 3) and model.forward_features(x).shape == (1, 512, 12, 12)
+        assert model(x).shape == (2, 3) and model.forward_features(x).shape == (2, 128, 12, 12)
 
 
 def test_layer_decay_groups_are_the_stages():
@@ -239,8 +239,10 @@ def test_layer_decay_scales_each_stage_lr_from_the_first_update(data_dir, tmp_pa
 # ---- the example -----------------------------------------------------------------------------------
 
 def test_finetune_digits_example_runs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / 'src'), os.environ.get('PYTHONPATH')])))
     result = subprocess.run([sys.executable, str(ROOT / 'examples' / 'finetune_digits.py'), '--quick',
-                             '--output', str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                             '--output', str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     found = re.findall(r'^(pretrained|random) weights: val top-1 ([\d.]+)% after \d+ epochs, ([\d.]+) s$',
                        result.stdout, flags=re.M)
