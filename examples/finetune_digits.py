@@ -102,7 +102,8 @@ def main() -> None:
                   epochs=epochs['finetune'], **parse_overrides(args.overrides))
     for start, weights in (('pretrained', str(out / 'pretrain')), ('random', None)):
         cfg = load_config(FINETUNE_RECIPE, dict(common, initial_checkpoint=weights, output=str(out / start)))
-        print(f'{start} weights: linear probe of the starting features {linear_probe(Trainer(cfg, progress=False)):.2f}%')
+        probe = linear_probe(Trainer(cfg, progress=False))
+        print(f'{start} weights: linear probe of the starting features {probe:.2f}%')
         trainer, seconds = timed(cfg)
         last = trainer.history[-1]
         print(f'{start} weights: val top-1 {last["val_top1"]:.2f}% after {trainer.epoch} epochs, {seconds:.1f} s')

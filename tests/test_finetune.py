@@ -10,7 +10,6 @@ import pytest
 import timm
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from crossformer import CrossFormer
 from crossformer.cli import main

@@ -127,7 +127,8 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f'{name} must be > 0, got {getattr(self, name)}')
         if self.head_init_scale is not None and not self.head_init_scale > 0:
-            raise ConfigError(f'head_init_scale must be > 0 (or null: timm\'s initialization), got {self.head_init_scale}')
+            raise ConfigError(f'head_init_scale must be > 0 (or null: the model\'s own initialization), '
+                              f'got {self.head_init_scale}')
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f'layer_decay must be in (0, 1] (or null: off), got {self.layer_decay}')
         if self.workers < 0 or self.warmup_epochs < 0:

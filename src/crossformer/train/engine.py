@@ -40,7 +40,8 @@ from .metrics import plot_curves, write_csv
 from .pretrained import describe_model, load_pretrained, published_note
 from .snapshot import load_snapshot, save_snapshot, snapshot_json_path
 
-__all__ = ['Trainer', 'train', 'evaluate', 'validate', 'resume_config', 'Runtime', 'default_device', 'stage_param_groups']
+__all__ = ['Trainer', 'train', 'evaluate', 'validate', 'resume_config', 'Runtime', 'default_device',
+           'stage_param_groups']
 
 _logger = logging.getLogger(__name__)
 
@@ -212,10 +213,10 @@ class Trainer:
         """Optimizer, per-update schedule and grad scaler; learning rates scaled by the global batch."""
         cfg, rt = self.cfg, self.rt
         self.lr_scale = cfg.batch_size * rt.world_size / cfg.lr_base_size if cfg.lr_base_size else 1.0
+        by_stage = (lambda m: stage_param_groups(m, cfg.weight_decay, cfg.layer_decay)) if cfg.layer_decay else None
         self.optimizer = create_optimizer_v2(
             self.model, opt=cfg.opt, lr=cfg.lr * self.lr_scale, weight_decay=cfg.weight_decay,
-            eps=cfg.opt_eps, betas=tuple(cfg.betas),
-            param_group_fn=(lambda m: stage_param_groups(m, cfg.weight_decay, cfg.layer_decay)) if cfg.layer_decay else None)
+            eps=cfg.opt_eps, betas=tuple(cfg.betas), param_group_fn=by_stage)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
             warmup_lr=cfg.warmup_lr * self.lr_scale, min_lr=cfg.min_lr * self.lr_scale,

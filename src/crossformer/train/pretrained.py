@@ -27,7 +27,7 @@ from ..models import checkpoint_filter_fn, variant_names
 from ..models.crossformer import PAPER_RESULTS
 from ..weights import MAX_BYTES_PER_MODEL_BYTE, load_checkpoint, max_checkpoint_bytes, read_checkpoint, read_run_info
 
-__all__ = ['load_pretrained', 'describe_model', 'identify_variant']
+__all__ = ['load_pretrained', 'describe_model', 'published_note', 'identify_variant']
 
 StateDict = Dict[str, torch.Tensor]
 _HEAD = 'head.'
@@ -82,7 +82,7 @@ def _head_classes(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
 
 
 def _largest_variant_bytes() -> int:
-    """The memory bound of the largest variant (the papers' counts): what reading a file to name its variant may take."""
+    """The largest variant's memory bound (the papers' counts): what reading a file to name its variant may take."""
     return MAX_BYTES_PER_MODEL_BYTE * 4 * int(max(r['params_m'] for r in PAPER_RESULTS.values()) * 1e6) + 2 ** 26
 
 
@@ -98,15 +98,15 @@ def _mismatch(source: str, weights: Path, state_dict: Optional[StateDict], model
         return None  # the same model: the error is about something else
     held = identify_variant(state_dict)
     if held is not None:
-        what, hint = held, f'add model={held} to train it'
+        what, hint = held, f'add model={held} to train it, or '
     elif folder is not None:
         what = describe_model(folder['architecture'], folder['model_args'])
-        hint = f'add model={folder["architecture"]} and its model_kwargs to train it'
+        hint = f'add model={folder["architecture"]} and model_kwargs.KEY=VALUE for these to train it, or '
     else:
-        what, hint = 'a model of no published CrossFormer variant', 'pass a file of the model being trained'
+        what, hint = 'a model of no published CrossFormer variant', ''
     mine = sum(p.numel() for p in model.parameters())
     return (f'{source}: this file holds {what} ({_params(state_dict) / 1e6:.1f}M parameters); the model being '
-            f'trained is {description} ({mine / 1e6:.1f}M): {hint}, or pass a file of {description}')
+            f'trained is {description} ({mine / 1e6:.1f}M): {hint}pass a file of {description}')
 
 
 def load_pretrained(model: nn.Module, path, description: str, class_names: Optional[Sequence[str]] = None) -> str:
@@ -148,7 +148,6 @@ def load_pretrained(model: nn.Module, path, description: str, class_names: Optio
     else:
         head = f'its head for {file_classes} classes replaced by a new one for {classes}'
     return f'pretrained weights: {source}; {head}'
-
 
 
 def _without_head(state_dict: StateDict) -> StateDict:
