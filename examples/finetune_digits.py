@@ -10,7 +10,7 @@ and prints the validation top-1 (the 5-9 images not trained on, 796 of them) and
 each, and before each fine-tuning a linear probe of its starting features (logistic regression on
 the pooled features of the 100 training images, scored on the same validation images).
 
-    python examples/finetune_digits.py                 # about 2 minutes on 2 CPU cores
+    python examples/finetune_digits.py                 # about 4 minutes on 2 shared CPU cores
     python examples/finetune_digits.py --quick         # a few seconds: fewer images and epochs (the test)
     python examples/finetune_digits.py lr=1e-3         # overrides for both fine-tuning runs
 
