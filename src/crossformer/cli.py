@@ -20,7 +20,7 @@ import timm
 
 from . import __version__
 from .convert import convert_checkpoint, convert_to_model_folder
-from .errors import ConfigError, CrossFormerError
+from .errors import ConfigError, CrossFormerError, MissingFileError
 from .info import format_table, measure, variant_names
 from .models import check_variant
 from .predict import load_trained, predict
@@ -36,6 +36,8 @@ overrides: KEY=VALUE pairs for any config key, e.g. epochs=10 lr=1e-3 batch_size
 
 examples:
   crossformer train                                   # embedded digits, about a minute on 2 CPU cores
+  crossformer train --data-dir mydata --pretrained crossformer-s.pth   # fine-tune CrossFormer-S on a folder
+  crossformer train --data-dir mydata --pretrained crossformer-t.pth model=crossformer_t
   crossformer train --config configs/crossformer_s.yaml --data-dir /data/imagenet
   crossformer train --resume outputs/digits epochs=30 # continue, here with a longer schedule
   torchrun --nproc_per_node 8 -m crossformer train --config configs/crossformer_s.yaml --data-dir DIR
@@ -55,14 +57,19 @@ def _size(values: Optional[Sequence[int]], default: int = 224) -> tuple:
 
 def cmd_train(args) -> int:
     overrides = parse_overrides(args.overrides)
-    for key in ('data_dir', 'output'):
-        if getattr(args, key):
-            overrides[key] = getattr(args, key)
+    for key, option in (('data_dir', 'data_dir'), ('output', 'output'), ('initial_checkpoint', 'pretrained')):
+        if getattr(args, option):
+            overrides[key] = getattr(args, option)
     if args.data_dir:
         overrides['dataset'] = 'folder'
+    if args.pretrained and not Path(args.pretrained).exists():  # before the data is read
+        raise MissingFileError(f'--pretrained {args.pretrained}: no such file or model folder')
     if args.resume:
         if args.config:
             raise ConfigError('--resume continues with the config saved in the run; give overrides, not --config')
+        if args.pretrained:
+            raise ConfigError('--pretrained gives the weights a new run starts from; --resume continues a run '
+                              'with its own: pass one of them')
         cfg = resume_config(args.resume, overrides)
     else:
         cfg = load_config(args.config, overrides)
@@ -158,10 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser('train', help='train a model (default: a small one on the embedded digits)',
-                       description='Train a classifier. Without --config: a small CrossFormer on the 8x8 digits that '
-                                   'ship with scikit-learn, upscaled to 32x32.', epilog=EPILOG_TRAIN, formatter_class=fmt)
-    p.add_argument('--config', metavar='FILE', help='YAML recipe (configs/*.yaml); default: the embedded digits recipe')
+                       description='Train a classifier. Without --config: with --data-dir, the fine-tuning recipe '
+                                   '(CrossFormer-S at 224 px, configs/finetune.yaml); without it, a small CrossFormer '
+                                   'on the 8x8 digits that ship with scikit-learn, upscaled to 32x32.',
+                       epilog=EPILOG_TRAIN, formatter_class=fmt)
+    p.add_argument('--config', metavar='FILE', help='YAML recipe (configs/*.yaml); default: the fine-tuning recipe '
+                                                    'with --data-dir, else the embedded digits recipe')
     p.add_argument('--data-dir', metavar='DIR', help='ImageFolder tree with train/ and val/ (default: embedded digits)')
+    p.add_argument('--pretrained', metavar='FILE', help="weights to start from: the paper's .pth, a .safetensors file "
+                                                        'or a model folder; a head for other classes is replaced '
+                                                        '(the initial_checkpoint key)')
     p.add_argument('--output', metavar='DIR', help='where checkpoints, metrics.csv and metrics.png go')
     p.add_argument('--resume', metavar='RUN', help='continue a run from its newest complete snapshot: its output directory '
                                                  '(or one snapshots/step-N folder)')

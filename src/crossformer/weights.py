@@ -30,7 +30,7 @@ from .files import PathLike, atomic_write, existing_file
 from .readers import read_safetensors_file, read_safetensors_metadata, read_torch_file
 
 __all__ = ['read_checkpoint', 'read_metadata', 'load_checkpoint', 'save_weights', 'validate_tensors',
-           'save_run_weights', 'read_run_info', 'RUN_INFO_KEY', 'MAX_BYTES_PER_MODEL_BYTE']
+           'save_run_weights', 'read_run_info', 'RUN_INFO_KEY', 'MAX_BYTES_PER_MODEL_BYTE', 'max_checkpoint_bytes']
 
 StateDict = Dict[str, torch.Tensor]
 FilterFn = Callable[[StateDict], StateDict]
@@ -124,8 +124,10 @@ def _short(keys: Iterable[str]) -> str:
     return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '')
 
 
-def _model_bytes(model: nn.Module) -> int:
-    return 4 * sum(t.numel() for t in model.state_dict().values())
+def max_checkpoint_bytes(model: nn.Module) -> int:
+    """The most tensor bytes a file loaded into ``model`` may declare: :data:`MAX_BYTES_PER_MODEL_BYTE`
+    times the model's fp32 size, plus 64 MiB for small models' optimizer state and metadata."""
+    return MAX_BYTES_PER_MODEL_BYTE * 4 * sum(t.numel() for t in model.state_dict().values()) + 2 ** 26
 
 
 def load_checkpoint(
@@ -149,7 +151,7 @@ def load_checkpoint(
     is_file = isinstance(checkpoint, (str, Path)) or hasattr(checkpoint, '__fspath__')
     name = str(checkpoint) if is_file else 'state dict'
     if is_file:
-        state_dict = read_checkpoint(checkpoint, max_bytes=MAX_BYTES_PER_MODEL_BYTE * _model_bytes(model) + 2 ** 26)
+        state_dict = read_checkpoint(checkpoint, max_bytes=max_checkpoint_bytes(model))
     else:
         state_dict = _unwrap(checkpoint, name)
         validate_tensors(state_dict, name)

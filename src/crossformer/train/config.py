@@ -2,18 +2,23 @@
 
 The defaults of :class:`TrainConfig` are the paper's ImageNet-1k recipe (Swin-style: AdamW,
 cosine with warm-up, RandAugment, Mixup/CutMix, random erasing). ``configs/`` holds a file per
-variant that states it explicitly. ``digits.yaml`` beside this module
-(:data:`DIGITS_RECIPE`) is the small default that ``crossformer train`` uses without ``--config``.
+variant that states it explicitly. Two recipes ship beside this module: ``digits.yaml``
+(:data:`DIGITS_RECIPE`), the small default of ``crossformer train`` without ``--config``, and
+``finetune.yaml`` (:data:`FINETUNE_RECIPE`), its default with ``--data-dir``: a published variant
+fine-tuned from its ImageNet weights on a folder of images.
 
 Rules, so that a typo never passes silently:
 - an unknown key (in a file or an override) is a :class:`ConfigError` naming close matches;
 - values are converted to the field's type (``lr=1e-3`` is a float even though YAML 1.1 reads
   it as text) and a value that does not fit is an error;
 - a file may name another with ``base: other.yaml`` (relative to itself); its own keys win;
-- ``model_kwargs.KEY=VALUE`` sets one constructor argument of the model.
+- ``model_kwargs.KEY=VALUE`` sets one constructor argument of the model;
+- a name means that model: ``model=NAME`` builds NAME as published, without the file's
+  ``model_kwargs`` (those given with it, ``model_kwargs.KEY=VALUE``, still apply).
 """
 import dataclasses
 import json
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +29,10 @@ import yaml
 from ..errors import ConfigError
 from ..files import did_you_mean
 
-__all__ = ['ConfigError', 'TrainConfig', 'DIGITS_RECIPE', 'load_config', 'config_from_dict',
-           'parse_overrides', 'apply_overrides']
+__all__ = ['ConfigError', 'TrainConfig', 'DIGITS_RECIPE', 'FINETUNE_RECIPE', 'default_recipe', 'load_config',
+           'config_from_dict', 'parse_overrides', 'apply_overrides']
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,7 +44,10 @@ class TrainConfig:
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     drop_path_rate: Optional[float] = None  # None: the variant's own (0.1/0.2/0.3/0.5 for T/S/B/L)
     drop_rate: float = 0.0
-    initial_checkpoint: Optional[str] = None  # weights to start from (fine-tuning); head dropped if it differs
+    head_init_scale: Optional[float] = None  # the new classifier's initial weights x this (ConvNeXt, BEiT: 0.001)
+    # weights to start from (fine-tuning; `crossformer train --pretrained FILE`): the paper's .pth, a
+    # .safetensors file or a model folder; a head for other classes is replaced by a new one
+    initial_checkpoint: Optional[str] = None
 
     # data: 'digits' is embedded (scikit-learn's 8x8 digits); 'folder' reads data_dir/{train,val}/CLASS/*
     dataset: str = 'folder'
@@ -79,6 +89,9 @@ class TrainConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     clip_grad: Optional[float] = 5.0
     clip_mode: str = 'norm'
+    # layer-wise lr decay (BEiT): lr x layer_decay**k for the k-th group below the head, one group per
+    # stage (stem, stage 1 .. stage n, then final norm and head at the full lr); None: off
+    layer_decay: Optional[float] = None
 
     # schedule (timm.scheduler.create_scheduler_v2, stepped every update)
     epochs: int = 300
@@ -113,6 +126,11 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f'{name} must be > 0, got {getattr(self, name)}')
+        if self.head_init_scale is not None and not self.head_init_scale > 0:
+            raise ConfigError(f'head_init_scale must be > 0 (or null: the model\'s own initialization), '
+                              f'got {self.head_init_scale}')
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f'layer_decay must be in (0, 1] (or null: off), got {self.layer_decay}')
         if self.workers < 0 or self.warmup_epochs < 0:
             raise ConfigError('workers and warmup_epochs must be >= 0')
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
@@ -125,8 +143,15 @@ class TrainConfig:
         return apply_overrides(self, changes)
 
 
-# The embedded default of ``crossformer train`` without --config, shipped inside the package.
+# The embedded defaults of ``crossformer train`` without --config, shipped inside the package:
+# without --data-dir the digits, with it the fine-tuning recipe (configs/finetune.yaml names the same file).
 DIGITS_RECIPE = Path(__file__).with_name('digits.yaml')
+FINETUNE_RECIPE = Path(__file__).with_name('finetune.yaml')
+
+
+def default_recipe(data_dir: Optional[str] = None) -> Path:
+    """The recipe used without ``--config``: :data:`FINETUNE_RECIPE` for a folder, else :data:`DIGITS_RECIPE`."""
+    return FINETUNE_RECIPE if data_dir else DIGITS_RECIPE
 
 
 def _hints() -> Dict[str, Any]:
@@ -241,11 +266,31 @@ def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
     return merged
 
 
+def _for_named_model(values: Dict[str, Any], overrides: Mapping[str, Any], source: str) -> Dict[str, Any]:
+    """``values`` of a file without its ``model_kwargs`` when ``overrides`` name a model: a name means
+    that model as published (plus the ``model_kwargs`` the overrides give with it)."""
+    name = overrides.get('model')
+    if name is None:
+        return values
+    dropped = values.get('model_kwargs')
+    if dropped:
+        _logger.info(f'model={name}: building {name} as published; the model_kwargs of {source} '
+                     f'({", ".join(f"{k}={v}" for k, v in dropped.items())}) are not used '
+                     f'(add model_kwargs.KEY=VALUE to change {name})')
+    return {k: v for k, v in values.items() if k != 'model_kwargs'}
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Mapping[str, Any]] = None) -> TrainConfig:
-    """The config in ``path`` (None: the embedded digits recipe) with ``overrides`` applied on top."""
-    path = Path(path) if path is not None else DIGITS_RECIPE
-    cfg = apply_overrides(TrainConfig(), _read_yaml(path), source=str(path))
-    return apply_overrides(cfg, overrides or {})
+    """The config in ``path`` with ``overrides`` applied on top.
+
+    ``path`` None: the embedded recipe, :func:`default_recipe` of the overrides' ``data_dir``.
+    ``model=NAME`` in ``overrides`` builds NAME as published, without the file's ``model_kwargs``.
+    """
+    overrides = dict(overrides or {})
+    path = Path(path) if path is not None else default_recipe(overrides.get('data_dir'))
+    values = _for_named_model(_read_yaml(path), overrides, path.name)
+    cfg = apply_overrides(TrainConfig(), values, source=str(path))
+    return apply_overrides(cfg, overrides)
 
 
 def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:

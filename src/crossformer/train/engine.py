@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
 from timm.utils.distributed import init_distributed_device_so
@@ -48,13 +48,15 @@ from ..errors import CheckpointError, ConfigError, DivergedError
 from ..files import atomic_write
 from ..hub import CARD_FILE, WEIGHTS_FILE, finish_model_folder, is_model_folder, model_card, write_model_folder
 from ..models import check_variant, create_model, default_normalization
-from ..weights import RUN_INFO_KEY, load_checkpoint, save_run_weights
+from ..weights import RUN_INFO_KEY, save_run_weights
 from .config import TrainConfig, apply_overrides, config_from_dict
 from .data import build_datasets, build_transform, train_loader, val_loader
 from .metrics import plot_curves, write_csv
+from .pretrained import describe_model, load_pretrained, published_note
 from .snapshot import SnapshotError, load_snapshot, read_snapshot_state, save_snapshot
 
-__all__ = ['Trainer', 'train', 'evaluate', 'validate', 'resume_config', 'Runtime', 'default_device']
+__all__ = ['Trainer', 'train', 'evaluate', 'validate', 'resume_config', 'Runtime', 'default_device',
+           'stage_param_groups']
 
 _logger = logging.getLogger(__name__)
 
@@ -141,6 +143,32 @@ def resume_config(path, overrides: Optional[Mapping[str, Any]] = None) -> TrainC
     return apply_overrides(cfg, overrides or {})
 
 
+class _ByStage:
+    """A model as timm's layer-decay grouping sees it, with one layer per stage: its coarse
+    ``group_matcher`` (stem, ``layers.0`` ... ``layers.n-1``; final norm and head after them)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def named_parameters(self, *args, **kwargs):
+        return self.model.named_parameters(*args, **kwargs)
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return self.model.group_matcher(coarse=True)
+
+
+def stage_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> List[Dict[str, Any]]:
+    """timm's layer-wise lr decay groups (BEiT's scheme, ``param_groups_layer_decay``) with one layer
+    per stage: the final norm and head get ``lr_scale`` 1, stage n ``layer_decay``, ..., the stem
+    ``layer_decay ** (n + 1)``. Norms and biases get no weight decay. Highest lr first, so that
+    ``param_groups[0]`` holds the base lr. A model without ``group_matcher`` is grouped by timm."""
+    no_decay = getattr(model, 'no_weight_decay', lambda: set())()
+    view = _ByStage(model) if hasattr(model, 'group_matcher') else model
+    groups = param_groups_layer_decay(view, weight_decay=weight_decay, layer_decay=layer_decay,
+                                      no_weight_decay_list=no_decay)
+    return sorted(groups, key=lambda g: -g['lr_scale'])
+
+
 class Trainer:
     """Builds model, data, optimizer and schedule from a :class:`TrainConfig`, then :meth:`fit`.
 
@@ -184,8 +212,15 @@ class Trainer:
         seed_everything(cfg.seed)
         model = create_model(cfg.model, len(self.data.class_names), cfg.model_kwargs,
                              drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate)
+        if cfg.head_init_scale is not None:  # a head that starts near zero leaves pretrained features undisturbed
+            with torch.no_grad():
+                for p in model.get_classifier().parameters():
+                    p.mul_(cfg.head_init_scale)
         if cfg.initial_checkpoint:
-            load_checkpoint(model, cfg.initial_checkpoint)
+            note = load_pretrained(model, cfg.initial_checkpoint, describe_model(cfg.model, cfg.model_kwargs),
+                                   class_names=self.data.class_names)
+            if rt.is_main:
+                _logger.info(note)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model.to(rt.device)
@@ -199,13 +234,15 @@ class Trainer:
         """Optimizer, per-update schedule and grad scaler; learning rates scaled by the global batch."""
         cfg, rt = self.cfg, self.rt
         self.lr_scale = cfg.batch_size * rt.world_size / cfg.lr_base_size if cfg.lr_base_size else 1.0
+        by_stage = (lambda m: stage_param_groups(m, cfg.weight_decay, cfg.layer_decay)) if cfg.layer_decay else None
         self.optimizer = create_optimizer_v2(
             self.model, opt=cfg.opt, lr=cfg.lr * self.lr_scale, weight_decay=cfg.weight_decay,
-            eps=cfg.opt_eps, betas=tuple(cfg.betas))
+            eps=cfg.opt_eps, betas=tuple(cfg.betas), param_group_fn=by_stage)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
             warmup_lr=cfg.warmup_lr * self.lr_scale, min_lr=cfg.min_lr * self.lr_scale,
             step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
+        self.scheduler.step_update(0)  # each group's lr_scale applies from the first update
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.amp and amp_dtype(rt.device) == torch.float16)
 
     def _build_loss(self) -> None:
@@ -345,7 +382,8 @@ class Trainer:
         if rt.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             _logger.info(
-                f'{cfg.model}: {n_params / 1e6:.2f}M params, {len(self.data.class_names)} classes; '
+                f'{describe_model(cfg.model, cfg.model_kwargs)}: {n_params / 1e6:.2f}M params'
+                f'{published_note(cfg.model, cfg.model_kwargs)}, {len(self.data.class_names)} classes; '
                 f'{len(self.data.train)} train / {len(self.data.val)} val images at {cfg.img_size}px; '
                 f'{rt.world_size} process(es) x batch {cfg.batch_size} on {rt.device}; '
                 f'lr {cfg.lr * self.lr_scale:.3g}; output {self.output}')
