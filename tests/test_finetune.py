@@ -139,6 +139,26 @@ def test_pretrained_safetensors_keeps_a_head_that_fits(data_dir, tmp_path, caplo
     assert 'its head for 3 classes loaded' in caplog.text
 
 
+def test_a_resumed_run_does_not_need_its_initial_checkpoint(data_dir, tiny_1000, tmp_path, caplog):
+    """The snapshot holds the weights: --resume never reads initial_checkpoint again (it may have moved)."""
+    path = paper_file(tmp_path / 'moved.pth', tiny_1000)
+    trainer = _trainer(data_dir, tmp_path / 'out', caplog, initial_checkpoint=str(path), epochs=1)
+    trainer.fit()
+    path.unlink()
+    cfg = tiny_config(data_dir, tmp_path / 'out', initial_checkpoint=str(path), epochs=2)
+    resumed = Trainer(cfg, resume=tmp_path / 'out', progress=False)
+    assert resumed.epoch == 1
+    assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_new_run_into_an_earlier_runs_folder_before_its_first_validation(data_dir, tmp_path, caplog):
+    """The card of an earlier run's folder is not rewritten by an epoch that has no validation figures."""
+    _trainer(data_dir, tmp_path / 'out', caplog, epochs=1).fit()
+    trainer = _trainer(data_dir, tmp_path / 'out', caplog, epochs=3, val_every=2)
+    trainer.fit()
+    assert [('val_top1' in row) for row in trainer.history] == [False, True, True]
+
+
 def test_pretrained_model_folder(data_dir, tiny_1000, tmp_path, caplog):
     folder = write_model_folder(tmp_path / 'folder', tiny_1000, architecture='crossformer_t', model_args=TINY_MODEL,
                                 num_classes=1000, data=dict(img_size=16, interpolation='bicubic', crop_pct=1.0,

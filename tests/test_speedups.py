@@ -63,6 +63,22 @@ def test_dpb_cache_steps_aside_for_hooks_and_wrapped_layers():
     assert not dpb.speedup_applies() or len(calls) == 2
 
 
+def test_a_model_built_under_inference_mode_runs_with_the_dpb_cache_stepping_aside():
+    """Inference tensors have no version counter to key a cache on: computed each call, never stale."""
+    with torch.inference_mode():
+        model = timm.create_model('crossformer_t', embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)).eval()
+        x = torch.randn(1, 3, 64, 64)
+        first = model(x)
+        assert not any(m.speedup_applies() for m in model.modules() if isinstance(m, DynamicPosBias))
+        for m in model.modules():
+            if isinstance(m, DynamicPosBias):
+                m.pos3[2].bias.add_(1.0)  # an in-place change an inference tensor cannot report
+        changed = model(x)
+        set_speedups(model, False)
+        torch.testing.assert_close(changed, model(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, changed)
+
+
 def _saved_bytes(fn) -> int:
     """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
     seen = {}

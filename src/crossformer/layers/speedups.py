@@ -514,7 +514,8 @@ class PosBiasSpeedups(_Speedup):
     @torch.jit.unused
     def speedup_applies(self) -> bool:
         return (self._eager() and not torch.is_grad_enabled() and not _has_hooks(self)
-                and all(type(m) in _DPB_PLAIN_TYPES for m in list(self.modules())[1:]))
+                and all(type(m) in _DPB_PLAIN_TYPES for m in list(self.modules())[1:])
+                and not any(p.is_inference() for p in self.parameters()))  # no version counter to key on
 
     @torch.jit.unused
     def _cached(self, kind: str, group_h: int, group_w: int, dtype: torch.dtype, device: torch.device, compute):

@@ -181,7 +181,7 @@ class Trainer:
         self.rt = setup_runtime(cfg)
         self.output = Path(cfg.output)
         self._build_data()  # first: it fixes the number of classes
-        self._build_model()
+        self._build_model(load_initial=resume is None)  # a resumed run takes its weights from the snapshot
         self._build_optimization()
         self._build_loss()
         self.epoch = 0  # epochs completed
@@ -206,8 +206,9 @@ class Trainer:
         self.val_loader = val_loader(self.data.val, cfg, rt.rank, rt.world_size, pin)
         self.updates_per_epoch = len(self.train_loader)
 
-    def _build_model(self) -> None:
-        """The model (same initialization on every rank), its EMA copy, and the DDP wrapper."""
+    def _build_model(self, load_initial: bool = True) -> None:
+        """The model (same initialization on every rank, ``initial_checkpoint`` loaded if ``load_initial``),
+        its EMA copy, and the DDP wrapper."""
         cfg, rt = self.cfg, self.rt
         seed_everything(cfg.seed)
         model = create_model(cfg.model, len(self.data.class_names), cfg.model_kwargs,
@@ -216,7 +217,7 @@ class Trainer:
             with torch.no_grad():
                 for p in model.get_classifier().parameters():
                     p.mul_(cfg.head_init_scale)
-        if cfg.initial_checkpoint:
+        if cfg.initial_checkpoint and load_initial:
             note = load_pretrained(model, cfg.initial_checkpoint, describe_model(cfg.model, cfg.model_kwargs),
                                    class_names=self.data.class_names)
             if rt.is_main:
@@ -465,7 +466,7 @@ class Trainer:
         self.save()
         if improved:
             self._save_model_folder(row, self._card(row))
-        elif is_model_folder(self.output):
+        elif self.best['epoch'] >= 0 and is_model_folder(self.output):  # this run's best, not an earlier run's
             atomic_write(self.output / CARD_FILE, lambda tmp: Path(tmp).write_text(self._card(row)))
         atomic_write(self.output / 'metrics.csv', lambda tmp: write_csv(tmp, self.history))
         try:
