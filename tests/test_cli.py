@@ -12,7 +12,7 @@ from crossformer import CrossFormer, load_checkpoint
 from crossformer.cli import main
 from crossformer.predict import class_names_for
 from crossformer.viz import group_ids
-from tiny_data import CLASSES, TINY_MODEL, tiny_config, write_image_folder
+from tiny_data import CLASSES, TINY_MODEL, reference_layout, tiny_config, write_image_folder
 
 # Parameter counts measured on the reference implementation (shared/reference/official_keys.json).
 REFERENCE_PARAMS = dict(
@@ -127,28 +127,11 @@ def test_info_unknown_model_suggests_close_names(capsys):
     assert code == 2 and 'did you mean crossformer_s' in err
 
 
-def _reference_layout(state_dict):
-    """This library's keys -> the reference's (merges at the end of a stage, bare head, v1 buffers)."""
-    out = {}
-    for k, v in state_dict.items():
-        m = re.match(r'layers\.(\d+)\.downsample\.projs\.(.*)', k)
-        if m:
-            k = f'layers.{int(m.group(1)) - 1}.downsample.reductions.{m.group(2)}'
-        m = re.match(r'layers\.(\d+)\.downsample\.norm\.(.*)', k)
-        if m:
-            k = f'layers.{int(m.group(1)) - 1}.downsample.norm.{m.group(2)}'
-        out[k.replace('head.fc.', 'head.')] = v
-        if k.endswith('attn.qkv.weight'):
-            out[k.replace('qkv.weight', 'biases')] = torch.zeros(9, 2)
-            out[k.replace('qkv.weight', 'relative_position_index')] = torch.zeros(4, 4, dtype=torch.long)
-    return out
-
-
 def test_convert_round_trips_a_reference_checkpoint(capsys, tmp_path):
     torch.manual_seed(0)
     model = CrossFormer(num_classes=3, **TINY_MODEL)
     src, dst = tmp_path / 'ref.pth', tmp_path / 'converted.safetensors'
-    torch.save({'model': _reference_layout(model.state_dict()), 'epoch': 299}, src)
+    torch.save({'model': reference_layout(model.state_dict()), 'epoch': 299}, src)
     code, out, err = run(capsys, 'convert', src, dst)
     assert code == 0, err
     assert f'{len(model.state_dict())} tensors' in out

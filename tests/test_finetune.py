@@ -20,24 +20,10 @@ from crossformer.train.config import DIGITS_RECIPE
 from crossformer.train.engine import stage_param_groups
 from crossformer.train.pretrained import describe_model, identify_variant, load_pretrained
 from crossformer.weights import save_weights
-from tiny_data import TINY_MODEL, tiny_config, write_image_folder
+from tiny_data import TINY_MODEL, reference_layout, tiny_config, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 T_PARAMS, S_PARAMS = 27776794, 30657394  # the reference implementation's counts (test_cli.py)
-
-
-def reference_layout(state_dict):
-    """This library's keys -> the reference's: merges at the end of a stage, a bare head, v1's derived buffers."""
-    out = {}
-    for k, v in state_dict.items():
-        m = re.match(r'layers\.(\d+)\.downsample\.(projs|norm)\.(.*)', k)
-        if m:
-            k = f'layers.{int(m.group(1)) - 1}.downsample.{m.group(2).replace("projs", "reductions")}.{m.group(3)}'
-        out[k.replace('head.fc.', 'head.')] = v
-        if k.endswith('attn.qkv.weight'):
-            out[k.replace('qkv.weight', 'biases')] = torch.zeros(9, 2)
-            out[k.replace('qkv.weight', 'relative_position_index')] = torch.zeros(4, 4, dtype=torch.long)
-    return out
 
 
 def paper_file(path: Path, state_dict) -> Path:

@@ -1,7 +1,9 @@
-"""A tiny ImageFolder tree and a tiny CrossFormer config, shared by the training and CLI tests."""
+"""A tiny ImageFolder tree, a tiny CrossFormer config and the reference's checkpoint layout, for the tests."""
+import re
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from crossformer.train.config import load_config
@@ -43,3 +45,17 @@ def tiny_config(data_dir: Path, output: Path, **changes):
                                       output=str(output), img_size=16, batch_size=4, epochs=2, warmup_epochs=1,
                                       threads=None),  # leave the test process's thread count alone
                                  **changes))
+
+
+def reference_layout(state_dict):
+    """This library's keys -> the reference's: merges at the end of a stage, a bare head, v1's derived buffers."""
+    out = {}
+    for k, v in state_dict.items():
+        m = re.match(r'layers\.(\d+)\.downsample\.(projs|norm)\.(.*)', k)
+        if m:
+            k = f'layers.{int(m.group(1)) - 1}.downsample.{m.group(2).replace("projs", "reductions")}.{m.group(3)}'
+        out[k.replace('head.fc.', 'head.')] = v
+        if k.endswith('attn.qkv.weight'):
+            out[k.replace('qkv.weight', 'biases')] = torch.zeros(9, 2)
+            out[k.replace('qkv.weight', 'relative_position_index')] = torch.zeros(4, 4, dtype=torch.long)
+    return out

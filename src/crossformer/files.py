@@ -57,6 +57,19 @@ def remove_tree(path: PathLike) -> None:
             pass
 
 
+@contextmanager
+def _io_errors_as_write_error(path: Path) -> Iterator[None]:
+    """An I/O error (full disk, no permission) in the block becomes :class:`WriteError` naming ``path``."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        if not _is_io_error(e):
+            raise
+        raise _write_error(path, e) from e
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, ``fsync`` it, rename it to ``path``, ``fsync`` the folder.
 
@@ -69,19 +82,14 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     in_place = path.parent in _BUILDING
     tmp = path if in_place else path.with_name(f'.{path.name}.tmp{path.suffix}')
     try:
-        if not in_place:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        write(str(tmp))
-        if not in_place:
-            fsync_path(tmp)
-            os.replace(tmp, path)
-            fsync_path(path.parent, directory=True)
-    except WriteError:
-        raise
-    except Exception as e:
-        if not _is_io_error(e):
-            raise
-        raise _write_error(path, e) from e
+        with _io_errors_as_write_error(path):
+            if not in_place:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            write(str(tmp))
+            if not in_place:
+                fsync_path(tmp)
+                os.replace(tmp, path)
+                fsync_path(path.parent, directory=True)
     finally:
         if not in_place:
             remove_tree(tmp)
@@ -100,22 +108,17 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp')
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_tree(tmp)  # left by a killed process
-        tmp.mkdir()
-        _BUILDING.add(tmp)
-        yield tmp
-        for file in sorted(tmp.iterdir()):
-            fsync_path(file)
-        fsync_path(tmp, directory=True)
-        os.rename(tmp, path)
-        fsync_path(path.parent, directory=True)
-    except WriteError:
-        raise
-    except Exception as e:
-        if not _is_io_error(e):
-            raise
-        raise _write_error(path, e) from e
+        with _io_errors_as_write_error(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_tree(tmp)  # left by a killed process
+            tmp.mkdir()
+            _BUILDING.add(tmp)
+            yield tmp
+            for file in sorted(tmp.iterdir()):
+                fsync_path(file)
+            fsync_path(tmp, directory=True)
+            os.rename(tmp, path)
+            fsync_path(path.parent, directory=True)
     finally:
         _BUILDING.discard(tmp)
         remove_tree(tmp)
