@@ -15,8 +15,10 @@ query blocks of a huge group      GroupAttention        :meth:`AttentionSpeedups
                                                         device, attention over HUGE_GROUP_BYTES
 lean MLP (GELU recomputed)        block MLP residual    :meth:`BlockSpeedups._lean_applies`: training
                                                         with autograd, on any device
-space-to-depth convolutions       CrossEmbedLayer       :meth:`CrossEmbedSpeedups.speedup_applies`:
-                                                        CPU, large kernels on few channels
+space-to-depth convolutions       CrossEmbedLayer       :func:`_space_to_depth_pays`: CPU, no packed
+                                                        conv, large kernels on few channels
+packed oneDNN convolutions        CrossEmbedLayer       :func:`packed_conv_applies`: CPU inference in
+                                                        fp32, plain ``nn.Conv2d``, oneDNN present
 packed oneDNN Linears (fc1 with   block MLP residual    :func:`packed_linear_applies`: CPU inference
 GELU, fc2 with the residual add)                        in fp32, plain ``nn.Linear``, oneDNN present;
                                                         narrow Linears only without AVX-512
@@ -50,7 +52,7 @@ from timm.layers import use_fused_attn
 from .grouping import build_padding_mask
 
 __all__ = ['set_speedups', 'capturing', 'padding_mask', 'gelu_linear', 'space_to_depth_conv', 'ByteBoundedCache',
-           'packed_linear', 'packed_linear_applies', 'packed_weight',
+           'packed_linear', 'packed_linear_applies', 'packed_conv', 'packed_conv_applies', 'packed_weight',
            'AttentionSpeedups', 'BlockSpeedups', 'CrossEmbedSpeedups', 'PosBiasSpeedups']
 
 # Tuned on 2 CPU cores (benchmarks/benchmark.py): enough tokens that the matmuls stay efficient,
@@ -103,7 +105,13 @@ def _has_hooks(module: nn.Module) -> bool:
     """``module`` or one inside it has forward hooks (or a global forward hook is set)."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    pending = [module]  # a plain walk: it runs on every call, where ``modules()`` costs several times more
+    while pending:
+        m = pending.pop()
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True
+        pending.extend(child for child in m._modules.values() if child is not None)
+    return False
 
 
 def _plain(module: nn.Module, cls: type) -> bool:
@@ -305,13 +313,13 @@ class BlockSpeedups(_Speedup):
         return out.view(x.shape)
 
 
-# ---- plain Linears through oneDNN with a packed weight (CPU inference) ----------------------
+# ---- plain Linears and convolutions through oneDNN with a packed weight (CPU inference) -------
 
 class _Pack(NamedTuple):
-    """A Linear's weight in oneDNN's blocked layout, and what it was packed from."""
+    """A layer's weight in oneDNN's blocked layout, and what it was packed from."""
     storage: 'weakref.ref[torch.UntypedStorage]'  # the weight's storage at packing time
     layout: tuple  # the weight's offset, shape, strides, dtype and version counter then
-    weight: torch.Tensor  # (out_features, in_features) values, oneDNN's blocked layout
+    weight: torch.Tensor  # the same values, oneDNN's blocked layout
 
 
 # One pack per layer, the size of its weight; it goes with the layer (weak keys) or with
@@ -324,8 +332,8 @@ def _weight_layout(weight: torch.Tensor) -> tuple:
 
 
 @torch.jit.unused
-def packed_weight(layer: nn.Linear) -> torch.Tensor:
-    """``layer.weight`` packed for oneDNN's matrix product, cached until the weight changes.
+def packed_weight(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight`` (an ``nn.Linear`` or ``nn.Conv2d``) packed for oneDNN, cached until the weight changes.
 
     The cache checks the weight's storage itself (a weak reference, so ``.to()`` or a swapped
     ``.data`` never matches an old pack, even at a reused address) and its version counter
@@ -335,8 +343,12 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:
     storage = weight.untyped_storage()
     pack = _packed_weights.get(layer)
     if pack is None or pack.storage() is not storage or pack.layout != _weight_layout(weight):
-        pack = _Pack(weakref.ref(storage), _weight_layout(weight),
-                     torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        if isinstance(layer, nn.Linear):
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        else:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight.detach(), layer.padding, layer.stride, layer.dilation, layer.groups, None)
+        pack = _Pack(weakref.ref(storage), _weight_layout(weight), packed)
         _packed_weights[layer] = pack
     return pack.weight
 
@@ -347,23 +359,29 @@ def _plain_tensor(t: torch.Tensor) -> bool:
 
 
 @torch.jit.unused
-def packed_linear_applies(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Where a packed oneDNN product pays: eager CPU inference in fp32 (no grad, no autocast) on a
-    plain ``nn.Linear`` without hooks whose weight is a plain tensor (torchao quantizes a Linear in
-    place, as a tensor subclass), with torch's oneDNN backend present and enabled; with AVX-512,
-    any such Linear, else one with a side of at most ``PACKED_LINEAR_MAX_SIDE_AVX2`` features.
+def _packable(layer: nn.Module, cls: type, x: torch.Tensor) -> bool:
+    """Eager CPU inference in fp32 (no grad, no autocast) on a plain ``cls`` without hooks whose weight
+    is a plain tensor (torchao quantizes a Linear in place, as a tensor subclass), with torch's
+    oneDNN backend present and enabled.
 
     fp32 only: bf16 packing needs AVX512-BF16 or AVX-NE-CONVERT, and without them a bf16 product
     is slower than fp32 either way. Not for weights made under ``torch.inference_mode()``: they
     have no version counter, so a change to them could not be seen.
     """
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled('cpu') and _plain(layer, nn.Linear)
+            and not torch.is_autocast_enabled('cpu') and _plain(layer, cls)
             and _plain_tensor(layer.weight) and (layer.bias is None or _plain_tensor(layer.bias))
             and layer.weight.dtype == torch.float32 and layer.weight.layout == torch.strided
             and not layer.weight.is_inference()  # no version counter: a change could not be seen
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and (_avx512() or min(layer.in_features, layer.out_features) <= PACKED_LINEAR_MAX_SIDE_AVX2))
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+@torch.jit.unused
+def packed_linear_applies(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Where a packed oneDNN product pays (:func:`_packable`): with AVX-512, any plain Linear;
+    else one with a side of at most ``PACKED_LINEAR_MAX_SIDE_AVX2`` features."""
+    return _packable(layer, nn.Linear, x) and (
+        _avx512() or min(layer.in_features, layer.out_features) <= PACKED_LINEAR_MAX_SIDE_AVX2)
 
 
 @lru_cache(maxsize=None)
@@ -391,6 +409,22 @@ def packed_linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False,
     else:
         out = torch.ops.mkldnn._linear_pointwise(flat, weight, layer.bias, 'none', [], '')
     return out.view(*x.shape[:-1], layer.out_features)
+
+
+@torch.jit.unused
+def packed_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Where a packed oneDNN convolution pays: any plain ``nn.Conv2d`` with zero padding given as
+    numbers, where :func:`_packable` (torch would re-layout its weight on every call)."""
+    return (_packable(conv, nn.Conv2d, x) and conv.padding_mode == 'zeros' and not isinstance(conv.padding, str)
+            and x.dim() == 4)
+
+
+@torch.jit.unused
+def packed_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for ``(B, C, H, W)`` ``x`` with the weight packed once; the output is channels-last
+    in memory. Only where :func:`packed_conv_applies`."""
+    return torch.ops.mkldnn._convolution_pointwise(x, packed_weight(conv), conv.bias, conv.padding, conv.stride,
+                                                   conv.dilation, conv.groups, 'none', [], '')
 
 
 # ---- CrossEmbedLayer: large strided kernels as space-to-depth convolutions --------------------
@@ -423,16 +457,20 @@ def _space_to_depth_pays(conv: nn.Module) -> bool:
 
 
 class CrossEmbedSpeedups(_Speedup):
-    """For :class:`~crossformer.layers.CrossEmbedLayer`: on CPU, the stem's large kernels (8/16/32 at
-    stride 4) as :func:`space_to_depth_conv`; the other convolutions are called as they are."""
+    """For :class:`~crossformer.layers.CrossEmbedLayer`, on CPU: at inference each convolution with its
+    weight packed once (:func:`packed_conv`); else the stem's large kernels (8/16/32 at stride 4) as
+    :func:`space_to_depth_conv`. Any other convolution is called as it is."""
 
     @torch.jit.unused
     def speedup_applies(self, x: torch.Tensor) -> bool:
-        return self._eager() and x.device.type == 'cpu' and any(_space_to_depth_pays(p) for p in self.projs)
+        return self._eager() and x.device.type == 'cpu' and any(
+            packed_conv_applies(p, x) or _space_to_depth_pays(p) for p in self.projs)
 
     @torch.jit.unused
     def speedup(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([space_to_depth_conv(x, p) if _space_to_depth_pays(p) else p(x) for p in self.projs], dim=1)
+        return torch.cat([packed_conv(p, x) if packed_conv_applies(p, x)
+                          else space_to_depth_conv(x, p) if _space_to_depth_pays(p) else p(x)
+                          for p in self.projs], dim=1)
 
 
 # ---- caches ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Packed oneDNN Linears: the definition's numbers, never a stale pack, only plain Linears, memory bounded."""
+"""Packed oneDNN Linears and convolutions: the definition's numbers, never a stale pack, only plain
+layers, memory bounded."""
 import gc
 import weakref
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossformer import set_speedups
-from crossformer.layers import CrossFormerBlock, speedups
+from crossformer.layers import CrossEmbedLayer, CrossFormerBlock, speedups
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='torch built without oneDNN')
 
@@ -149,3 +150,42 @@ def test_packs_are_bounded_and_released_with_the_model():
     del model, packed
     gc.collect()
     assert all(ref() is None for ref in packed_tensors)  # the packed memory went with the model
+
+
+@pytest.mark.parametrize('kernel, stride, size', [(32, 4, (37, 50)), (8, 4, (64, 64)), (4, 2, (9, 6)), (2, 2, (5, 7))])
+def test_packed_convolutions_equal_the_definitions(kernel, stride, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, kernel, stride, padding=(kernel - stride) // 2)
+    x = torch.randn(2, 6, *size)
+    with torch.no_grad():
+        assert speedups.packed_conv_applies(conv, x)
+        want = conv(x)
+        torch.testing.assert_close(speedups.packed_conv(conv, x), want, atol=1e-5, rtol=0)
+        channels_last = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # as the merges between stages see it
+        torch.testing.assert_close(speedups.packed_conv(conv, channels_last), want, atol=1e-5, rtol=0)
+        conv.load_state_dict({'weight': -2 * conv.weight, 'bias': conv.bias})  # copied in place
+        torch.testing.assert_close(speedups.packed_conv(conv, x), conv(x), atol=2e-5, rtol=0)
+    assert want.abs().max() > 1e-1
+
+
+def test_cross_embed_layers_pack_their_convolutions_at_inference_only():
+    stem = CrossEmbedLayer(3, 32, (4, 8, 16, 32), stride=4).eval()
+    merge = CrossEmbedLayer(32, 64, (2, 4), stride=2, norm_first=True).eval()
+    image = torch.randn(2, 3, 45, 38)
+    with torch.no_grad():
+        fast = merge(stem(image))
+        assert len(packs_of(stem)) == 4 and len(packs_of(merge)) == 2
+        set_speedups(stem, False), set_speedups(merge, False)
+        plain = merge(stem(image))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    set_speedups(stem, True)
+    stem.train()
+    stem(image).sum().backward()  # training: nothing packed, the stem's large kernels as space-to-depth
+    assert packs_of(stem) == []
+    hooked = nn.Conv2d(3, 4, 4, 4)
+    hooked.register_forward_hook(lambda *_: None)
+    with torch.no_grad():
+        assert not speedups.packed_conv_applies(hooked, image)
+        assert not speedups.packed_conv_applies(nn.Conv2d(3, 4, 3, padding='same'), image)
+        assert not speedups.packed_conv_applies(nn.Conv2d(3, 4, 3, padding_mode='reflect'), image)
+        assert not speedups.packed_conv_applies(nn.Conv2d(3, 4, 3).to(torch.bfloat16), image.to(torch.bfloat16))
