@@ -1,5 +1,6 @@
 """Packed oneDNN Linears and convolutions: the definition's numbers, never a stale pack, only plain
 layers, memory bounded."""
+import copy
 import gc
 import weakref
 
@@ -111,10 +112,12 @@ def test_only_plain_linears_without_hooks_are_packed():
             frozen = linear()  # an inference tensor has no version counter to tell a change
         assert not speedups.packed_linear_applies(frozen, x)
     assert speedups.packed_linear_applies(linear(), x) is False  # autograd on
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not speedups.packed_linear_applies(linear(), x)
-    with torch.no_grad():
-        assert not speedups.packed_linear_applies(linear().to(torch.bfloat16), x.to(torch.bfloat16))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):  # bf16 products: as below
+        assert speedups.packed_linear_applies(linear(), x) == speedups._bf16_emulated()
+    with torch.no_grad():  # bf16: only where the host has no bf16 products (then fp32 products pay)
+        bf16 = speedups.packed_linear_applies(linear().to(torch.bfloat16), x.to(torch.bfloat16))
+        assert bf16 == speedups._bf16_emulated()
+        assert not speedups.packed_linear_applies(linear().to(torch.bfloat16), x)  # dtypes differ
 
 
 def test_a_hooked_mlp_keeps_its_forward_and_is_not_packed():
@@ -124,7 +127,7 @@ def test_a_hooked_mlp_keeps_its_forward_and_is_not_packed():
     with torch.no_grad():
         block(torch.randn(1, 7, 7, 32))
     assert calls == [1]
-    assert packs_of(block) == []
+    assert packs_of(block.mlp) == []  # the attention's own Linears may be packed
 
 
 def test_packs_are_bounded_and_released_with_the_model():
@@ -139,14 +142,15 @@ def test_packs_are_bounded_and_released_with_the_model():
             model(x)
     assert len(speedups._packed_weights) == first
     packed = packs_of(model)
-    assert all(speedups._packed_weights[m].weight.numel() <= 2 * m.weight.numel() for m in packed)
+    assert all(sum(p.weight.numel() for p in speedups._packed_weights[m].values()) <= 2 * m.weight.numel()
+               for m in packed)  # one fp32 pack each
     set_speedups(model, False)  # the switch drops them
     assert packs_of(model) == []
     set_speedups(model, True)
     with torch.no_grad():
         model(x)
     assert len(packs_of(model)) == packed_layers >= 4
-    packed_tensors = [weakref.ref(speedups._packed_weights[m].weight) for m in packs_of(model)]
+    packed_tensors = [weakref.ref(p.weight) for m in packs_of(model) for p in speedups._packed_weights[m].values()]
     del model, packed
     gc.collect()
     assert all(ref() is None for ref in packed_tensors)  # the packed memory went with the model
@@ -188,4 +192,53 @@ def test_cross_embed_layers_pack_their_convolutions_at_inference_only():
         assert not speedups.packed_conv_applies(hooked, image)
         assert not speedups.packed_conv_applies(nn.Conv2d(3, 4, 3, padding='same'), image)
         assert not speedups.packed_conv_applies(nn.Conv2d(3, 4, 3, padding_mode='reflect'), image)
-        assert not speedups.packed_conv_applies(nn.Conv2d(3, 4, 3).to(torch.bfloat16), image.to(torch.bfloat16))
+        assert not speedups.packed_conv_applies(nn.Conv2d(3, 4, 3).double(), image.double())
+
+
+@pytest.mark.parametrize('autocast', [False, True], ids=['bf16-layer', 'bf16-autocast'])
+def test_emulated_bf16_products_round_as_bf16_products_do(autocast, monkeypatch):
+    monkeypatch.setattr(speedups, '_bf16_emulated', lambda: True)  # as on a host without bf16 products
+    layer, conv = linear(), nn.Conv2d(3, 8, 8, 4, padding=2)
+    x, residual, image = torch.randn(37, 24), torch.randn(37, 40), torch.randn(2, 3, 21, 18)
+    if not autocast:
+        layer, conv = layer.bfloat16(), conv.bfloat16()
+        x, residual, image = x.bfloat16(), residual.bfloat16(), image.bfloat16()
+    # the exact products of the bf16-rounded operands, rounded once to bf16
+    w, b = layer.weight.bfloat16().double(), layer.bias.bfloat16().double()
+    exact = (x.bfloat16().double() @ w.t() + b)
+    exact_conv = F.conv2d(image.bfloat16().double(), conv.weight.bfloat16().double(), conv.bias.bfloat16().double(),
+                          stride=4, padding=2)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        assert speedups.packed_linear_applies(layer, x) and speedups.packed_conv_applies(conv, image)
+        product = speedups.packed_linear(layer, x)
+        assert product.dtype == layer(x).dtype == torch.bfloat16
+        torch.testing.assert_close(product, exact.bfloat16(), atol=0, rtol=2 ** -8)  # one rounding: half an ulp
+        gelu = speedups.packed_linear(layer, x, gelu=True)
+        torch.testing.assert_close(gelu, F.gelu(exact).bfloat16(), atol=1e-6, rtol=2 ** -8)
+        added = speedups.packed_linear(layer, x, residual=residual)
+        assert added.dtype == (residual + layer(x)).dtype  # fp32 under autocast, bf16 for a bf16 layer
+        torch.testing.assert_close(added, (residual.double() + exact.bfloat16().double()).to(added.dtype),
+                                   atol=1e-6, rtol=2 ** -8)
+        out = speedups.packed_conv(conv, image)
+        assert out.dtype == conv(image).dtype == torch.bfloat16
+        torch.testing.assert_close(out, exact_conv.bfloat16(), atol=1e-6, rtol=2 ** -8)
+        assert [p.weight.dtype for p in speedups._packed_weights[layer].values()] == [torch.float32]  # fp32 copies
+
+
+@pytest.mark.parametrize('autocast', [False, True], ids=['bf16-model', 'bf16-autocast'])
+def test_a_bf16_model_with_emulated_products_stays_as_close_to_fp32(autocast, monkeypatch):
+    monkeypatch.setattr(speedups, '_bf16_emulated', lambda: True)
+    torch.manual_seed(0)
+    model = small_model()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        want = model.forward_features(x)
+        run, x_run = (model, x) if autocast else (copy.deepcopy(model).bfloat16(), x.bfloat16())
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            fast = run.forward_features(x_run).float()
+            assert torch.bfloat16 in speedups._packed_weights[run.layers[0].blocks[0].mlp.fc1]
+            set_speedups(run, False)
+            definition = run.forward_features(x_run).float()
+    assert not torch.equal(fast, definition)  # rounded less often
+    fast_error, definition_error = (fast - want).abs().mean(), (definition - want).abs().mean()
+    assert fast_error < 1.1 * definition_error < 0.02 * want.abs().mean()

@@ -138,16 +138,29 @@ def test_chunked_mlp_inference_matches_plain(monkeypatch):
     torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
 
 
-def test_chunks_step_aside_under_autocast_with_grad_and_when_hooked(monkeypatch):
+@pytest.mark.parametrize('emulated', [False, True], ids=['native-bf16', 'emulated-bf16'])
+def test_chunks_under_autocast_only_where_bf16_products_are_emulated(emulated, monkeypatch):
+    monkeypatch.setattr(speedups, 'MLP_CHUNK_TOKENS', 7)
+    monkeypatch.setattr(speedups, '_bf16_emulated', lambda: emulated)  # either kind of host
+    block = CrossFormerBlock(16, 2, group_size=3).eval()
+    x = torch.randn(1, 9, 5, 16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert block.speedup_applies(x) == emulated
+        fast, plain = _pair(block, lambda: block(x) if emulated else block.mlp_residual(x))  # (off: no SDPA either)
+    assert fast.dtype == plain.dtype == torch.float32
+    if emulated:  # fp32 products of the bf16-rounded values, each rounded once: bf16's precision
+        torch.testing.assert_close(fast, plain, atol=3e-2, rtol=3e-2)
+        assert not torch.equal(fast, plain)
+    else:
+        assert torch.equal(fast, plain)
+
+
+def test_chunks_step_aside_with_grad_and_when_hooked(monkeypatch):
     monkeypatch.setattr(speedups, 'MLP_CHUNK_TOKENS', 7)
     block = CrossFormerBlock(16, 2, group_size=3).eval()
     x = torch.randn(1, 9, 5, 16)
     with torch.no_grad():
         assert block.speedup_applies(x)
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            assert not block.speedup_applies(x)
-            fast, plain = _pair(block, lambda: block.mlp_residual(x))
-            assert torch.equal(fast, plain)
         handle = block.mlp.fc2.register_forward_hook(lambda *_: None)
         assert not block.speedup_applies(x)
         handle.remove()

@@ -1,7 +1,9 @@
 """Every eager-only speed-up of the CrossFormer layers, with its tuned constants and its condition.
 
 Each speed-up computes what the layer's definition computes (tests hold the two within 1e-5),
-faster or with less memory. A layer's ``forward`` is the definition, with one line where its
+faster or with less memory. In bf16 on a host without bf16 products, a packed product runs in fp32
+on the bf16 values and rounds its output once, as a native bf16 product would; tests hold it as
+close to the fp32 model as the bf16 definition is. A layer's ``forward`` is the definition, with one line where its
 speed-up may take over; the layer inherits that speed-up from a class here.
 
 When they apply, stated once each below:
@@ -18,10 +20,11 @@ lean MLP (GELU recomputed)        block MLP residual    :meth:`BlockSpeedups._le
 space-to-depth convolutions       CrossEmbedLayer       :func:`_space_to_depth_pays`: CPU, no packed
                                                         conv, large kernels on few channels
 packed oneDNN convolutions        CrossEmbedLayer       :func:`packed_conv_applies`: CPU inference in
-                                                        fp32, plain ``nn.Conv2d``, oneDNN present
-packed oneDNN Linears (fc1 with   block MLP residual    :func:`packed_linear_applies`: CPU inference
-GELU, fc2 with the residual add)                        in fp32, plain ``nn.Linear``, oneDNN present;
-                                                        narrow Linears only without AVX-512
+                                                        fp32 (or emulated bf16), plain ``nn.Conv2d``
+packed Linears (fc1 with GELU,    block MLP residual,   :func:`packed_linear_applies`: CPU inference,
+fc2 with the residual add; qkv    GroupAttention        plain ``nn.Linear``, oneDNN present; in fp32
+and proj)                                               where oneDNN beats MKL for the shape, in bf16
+                                                        (as fp32 products) on hosts without bf16 ones
 DPB bias cache                    DynamicPosBias        no gradient recorded
 padding-mask cache                :func:`padding_mask`  eager
 ================================  ====================  =============================================
@@ -29,7 +32,9 @@ padding-mask cache                :func:`padding_mask`  eager
 The two caches are bounded in bytes, shared by every model of the process, least recently used
 first out, and safe under threads (:class:`ByteBoundedCache`): DPB biases and offset tables at most
 ``DPB_CACHE_BYTES`` (128 MiB), none above ``DPB_CACHE_ENTRY_BYTES`` (8 MiB, recomputed on every
-call instead); padding masks at most ``MASK_CACHE_BYTES`` (16 MiB), none above 4 MiB.
+call instead); padding masks at most ``MASK_CACHE_BYTES`` (16 MiB), none above 4 MiB. Packed
+weights are one per packed layer, as large as its fp32 weight; they go with the model, or with
+``set_speedups(model, False)``.
 
 And for all of them: never while a graph is captured (TorchScript, ``torch.jit.trace`` and so
 ONNX, FX, ``torch.compile``), so a graph records the definition; never past a layer that is not
@@ -41,7 +46,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from functools import lru_cache
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +70,13 @@ QUERY_BLOCK_BYTES = 4 * 2 ** 20
 MLP_CHUNK_TOKENS = 1024  # tokens per chunk of a block's inference MLP residual
 LEAN_MLP_CHUNK_TOKENS = 2048  # tokens per chunk of the lean MLP, CPU fp32 training
 # Where oneDNN's packed product beats torch's default (MKL) fp32 product (benchmarks/): with
-# AVX-512 every Linear (MKL dispatches AVX2 kernels on AMD processors); with AVX2 only Linears with
-# a side at most this wide (stage 1), where MKL was slower at one and at two threads.
+# AVX-512 every Linear (MKL dispatches AVX2 kernels on AMD processors); with AVX2 a Linear with a
+# side at most PACKED_LINEAR_MAX_SIDE_AVX2 wide (stage 1 of crossformer_t), or one at least
+# PACKED_LINEAR_MIN_SIDE_AVX2 wide on at most PACKED_LINEAR_MAX_TOKENS_AVX2 tokens (the late stages
+# of one image), where MKL was slower at one and at two threads.
 PACKED_LINEAR_MAX_SIDE_AVX2 = 64
+PACKED_LINEAR_MIN_SIDE_AVX2 = 384
+PACKED_LINEAR_MAX_TOKENS_AVX2 = 256
 # Space-to-depth pays off where a strided kernel is large and its input narrow (the stem); the
 # merges between stages (kernels 2 and 4 at stride 2 on 96+ channels) are faster as they are.
 SPACE_TO_DEPTH_MAX_CHANNELS = 64  # input channels after regrouping, C * stride**2
@@ -130,13 +139,14 @@ class _Speedup:
 
 @torch.jit.unused
 def _cpu_inference(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Where token chunks pay off: CPU inference (eval, no grad, no autocast), no hooks inside.
+    """Where token chunks pay off: CPU inference (eval, no grad; no autocast, but for bf16 autocast on
+    a host without bf16 products, where packed fp32 products pay), no hooks inside.
 
     Chunks keep a layer's wide intermediates in cache; a GPU wants whole tensors instead, and
     autograd would keep every chunk's intermediates anyway. Hooks see whole tensors.
     """
     return (layer._eager() and not layer.training and not torch.is_grad_enabled() and x.device.type == 'cpu'
-            and not torch.is_autocast_enabled('cpu') and not _has_hooks(layer))
+            and (not torch.is_autocast_enabled('cpu') or _emulated_autocast()) and not _has_hooks(layer))
 
 
 # ---- GroupAttention: a few groups at a time, huge groups in blocks of queries ---------------------
@@ -166,8 +176,13 @@ class AttentionSpeedups(_Speedup):
                 and self.num_heads * x.shape[1] ** 2 * x.element_size() > HUGE_GROUP_BYTES and not _has_hooks(self))
 
     @torch.jit.unused
+    def _packed_applies(self, x: torch.Tensor) -> bool:
+        return packed_linear_applies(self.qkv, x) and packed_linear_applies(self.proj, x)
+
+    @torch.jit.unused
     def speedup_applies(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
-        return self._huge(x) or (_cpu_inference(self, x) and x.shape[0] > self._groups_per_chunk(x, mask))
+        return self._huge(x) or (_cpu_inference(self, x) and (
+            x.shape[0] > self._groups_per_chunk(x, mask) or self._packed_applies(x)))
 
     @torch.jit.unused
     def speedup(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -175,13 +190,23 @@ class AttentionSpeedups(_Speedup):
             return self._query_blocks(x, group_h, group_w, mask)
         groups = x.shape[0] if mask is None else mask.shape[0]
         step = self._groups_per_chunk(x, mask)
+        chunk = self._packed_forward if self._packed_applies(x) else self.forward
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], groups):
             for g in range(0, groups, step):
                 n = min(step, groups - g)
                 rows = slice(start + g, start + g + n)
-                out[rows] = self.forward(x[rows], group_h, group_w, None if mask is None else mask[g:g + n])
+                out[rows] = chunk(x[rows], group_h, group_w, None if mask is None else mask[g:g + n])
         return out
+
+    @torch.jit.unused
+    def _packed_forward(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer's ``forward`` at inference, with its qkv and proj products :func:`packed_linear`."""
+        B_, N, C = x.shape
+        q, k, v = packed_linear(self.qkv, x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.pos(group_h, group_w, q.dtype, q.device)  # heads, N, N
+        x = self.attention(q, k, v, bias, mask, 0.)
+        return packed_linear(self.proj, x.transpose(1, 2).reshape(B_, N, C))
 
     @torch.jit.unused
     def _query_blocks(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -316,15 +341,16 @@ class BlockSpeedups(_Speedup):
 # ---- plain Linears and convolutions through oneDNN with a packed weight (CPU inference) -------
 
 class _Pack(NamedTuple):
-    """A layer's weight in oneDNN's blocked layout, and what it was packed from."""
+    """A layer's weight as its packed product wants it, and what it was packed from."""
     storage: 'weakref.ref[torch.UntypedStorage]'  # the weight's storage at packing time
     layout: tuple  # the weight's offset, shape, strides, dtype and version counter then
-    weight: torch.Tensor  # the same values, oneDNN's blocked layout
+    weight: torch.Tensor  # the same values (rounded to the product's dtype), in fp32
 
 
-# One pack per layer, the size of its weight; it goes with the layer (weak keys) or with
-# ``set_speedups(model, False)``, and is replaced whenever the weight changes.
-_packed_weights: 'weakref.WeakKeyDictionary[nn.Module, _Pack]' = weakref.WeakKeyDictionary()
+# A pack per layer and product dtype (fp32; bf16 where emulated), each as large as the weight in
+# fp32; they go with the layer (weak keys) or with ``set_speedups(model, False)``, and each is
+# replaced whenever the weight changes.
+_packed_weights: 'weakref.WeakKeyDictionary[nn.Module, Dict[torch.dtype, _Pack]]' = weakref.WeakKeyDictionary()
 
 
 def _weight_layout(weight: torch.Tensor) -> tuple:
@@ -332,8 +358,9 @@ def _weight_layout(weight: torch.Tensor) -> tuple:
 
 
 @torch.jit.unused
-def packed_weight(layer: nn.Module) -> torch.Tensor:
-    """``layer.weight`` (an ``nn.Linear`` or ``nn.Conv2d``) packed for oneDNN, cached until the weight changes.
+def packed_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``layer.weight`` (an ``nn.Linear`` or ``nn.Conv2d``) as its packed product in ``dtype`` wants it,
+    cached until the weight changes: in fp32, in oneDNN's blocked layout (a bf16 Linear: plain, for MKL).
 
     The cache checks the weight's storage itself (a weak reference, so ``.to()`` or a swapped
     ``.data`` never matches an old pack, even at a reused address) and its version counter
@@ -341,15 +368,17 @@ def packed_weight(layer: nn.Module) -> torch.Tensor:
     """
     weight = layer.weight
     storage = weight.untyped_storage()
-    pack = _packed_weights.get(layer)
+    packs = _packed_weights.setdefault(layer, {})
+    pack = packs.get(dtype)
     if pack is None or pack.storage() is not storage or pack.layout != _weight_layout(weight):
-        if isinstance(layer, nn.Linear):
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        else:
+        fp32 = weight.detach().to(dtype).float()  # a bf16 product on a host without them: in fp32
+        if isinstance(layer, nn.Conv2d):
             packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight.detach(), layer.padding, layer.stride, layer.dilation, layer.groups, None)
+                fp32, layer.padding, layer.stride, layer.dilation, layer.groups, None)
+        else:
+            packed = fp32 if dtype == torch.bfloat16 else torch.ops.mkldnn._reorder_linear_weight(fp32, None)
         pack = _Pack(weakref.ref(storage), _weight_layout(weight), packed)
-        _packed_weights[layer] = pack
+        packs[dtype] = pack
     return pack.weight
 
 
@@ -358,50 +387,91 @@ def _plain_tensor(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter)
 
 
-@torch.jit.unused
-def _packable(layer: nn.Module, cls: type, x: torch.Tensor) -> bool:
-    """Eager CPU inference in fp32 (no grad, no autocast) on a plain ``cls`` without hooks whose weight
-    is a plain tensor (torchao quantizes a Linear in place, as a tensor subclass), with torch's
-    oneDNN backend present and enabled.
-
-    fp32 only: bf16 packing needs AVX512-BF16 or AVX-NE-CONVERT, and without them a bf16 product
-    is slower than fp32 either way. Not for weights made under ``torch.inference_mode()``: they
-    have no version counter, so a change to them could not be seen.
-    """
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled('cpu') and _plain(layer, cls)
-            and _plain_tensor(layer.weight) and (layer.bias is None or _plain_tensor(layer.bias))
-            and layer.weight.dtype == torch.float32 and layer.weight.layout == torch.strided
-            and not layer.weight.is_inference()  # no version counter: a change could not be seen
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
-
-
-@torch.jit.unused
-def packed_linear_applies(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Where a packed oneDNN product pays (:func:`_packable`): with AVX-512, any plain Linear;
-    else one with a side of at most ``PACKED_LINEAR_MAX_SIDE_AVX2`` features."""
-    return _packable(layer, nn.Linear, x) and (
-        _avx512() or min(layer.in_features, layer.out_features) <= PACKED_LINEAR_MAX_SIDE_AVX2)
-
-
 @lru_cache(maxsize=None)
 def _avx512() -> bool:
     """torch's CPU kernels use AVX-512 (``ATEN_CPU_CAPABILITY=avx2`` limits them)."""
     return torch.backends.cpu.get_cpu_capability().startswith(('AVX512', 'AMX'))
 
 
+@lru_cache(maxsize=None)
+def _bf16_emulated() -> bool:
+    """The host has no bf16 products oneDNN can use (AVX-512, AMX or AVX-NE-CONVERT): torch
+    emulates them, several times slower than fp32 products."""
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _emulated_autocast() -> bool:
+    """bf16 autocast on the CPU of a host without bf16 products."""
+    return torch.get_autocast_dtype('cpu') == torch.bfloat16 and _bf16_emulated()
+
+
+def _product_dtype(layer: nn.Module, x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype of ``layer``'s product on ``x`` in eager torch: autocast's, else ``x``'s (None where
+    ``x`` and the weight differ, an error in eager torch)."""
+    if torch.is_autocast_enabled('cpu'):
+        return torch.get_autocast_dtype('cpu')
+    same = layer.weight.dtype == x.dtype and (layer.bias is None or layer.bias.dtype == x.dtype)
+    return x.dtype if same else None
+
+
+@torch.jit.unused
+def _packable(layer: nn.Module, cls: type, x: torch.Tensor) -> bool:
+    """Eager CPU inference (no grad) on a plain ``cls`` without hooks whose weight is a plain tensor
+    (torchao quantizes a Linear in place, as a tensor subclass), with torch's oneDNN backend present
+    and enabled; the product in fp32 (no autocast), or in bf16 (a bf16 layer, or bf16 autocast) on a
+    host without bf16 products: the product then runs in fp32 on the bf16-rounded values and
+    rounds its output once, as a native bf16 product accumulates in fp32.
+
+    Not for weights made under ``torch.inference_mode()``: they have no version counter, so a
+    change to them could not be seen.
+    """
+    if not (x.device.type == 'cpu' and not torch.is_grad_enabled() and _plain(layer, cls)
+            and _plain_tensor(layer.weight) and (layer.bias is None or _plain_tensor(layer.bias))):
+        return False
+    dtype = _product_dtype(layer, x)
+    return ((dtype == torch.float32 or (dtype == torch.bfloat16 and _bf16_emulated()))
+            and x.dtype in (torch.float32, torch.bfloat16) and layer.weight.dtype in (torch.float32, torch.bfloat16)
+            and layer.weight.layout == torch.strided
+            and not layer.weight.is_inference()  # no version counter: a change could not be seen
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def _onednn_linear_pays(layer: nn.Linear, tokens: int) -> bool:
+    """oneDNN's packed fp32 product beats torch's default (MKL) for this Linear on ``tokens`` rows."""
+    side = min(layer.in_features, layer.out_features)
+    return _avx512() or side <= PACKED_LINEAR_MAX_SIDE_AVX2 or (
+        side >= PACKED_LINEAR_MIN_SIDE_AVX2 and tokens <= PACKED_LINEAR_MAX_TOKENS_AVX2)
+
+
+@torch.jit.unused
+def packed_linear_applies(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Where a packed product pays (:func:`_packable`): a bf16 Linear on a host without bf16 products
+    (an fp32 product on an fp32 copy), or an fp32 one where oneDNN beats MKL for ``x``'s tokens
+    (:func:`_onednn_linear_pays`)."""
+    return _packable(layer, nn.Linear, x) and (
+        _product_dtype(layer, x) == torch.bfloat16 or _onednn_linear_pays(layer, x.numel() // max(1, x.shape[-1])))
+
+
 @torch.jit.unused
 def packed_linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False,
                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``layer(x)``, then exact GELU (``gelu=True``) or ``+ residual``, as one oneDNN product.
+    """``layer(x)``, then exact GELU (``gelu=True``) or ``+ residual``, as one product with a packed weight.
 
-    ``x`` is ``(..., in_features)``, ``residual`` ``(..., out_features)``; the GELU and the add are
-    oneDNN post-ops, applied to each output block while it is in cache. Only where
-    :func:`packed_linear_applies`.
+    ``x`` is ``(..., in_features)``, ``residual`` ``(..., out_features)``; the result has the dtype
+    the definition gives. In fp32 through oneDNN, the GELU and the add are post-ops, applied to each
+    output block while it is in cache. Only where :func:`packed_linear_applies`.
     """
-    flat = x.reshape(-1, x.shape[-1])
-    weight = packed_weight(layer)
-    if residual is not None:
+    dtype = _product_dtype(layer, x)
+    flat = x.reshape(-1, x.shape[-1]).to(dtype).float()
+    weight = packed_weight(layer, dtype)
+    bias = None if layer.bias is None else layer.bias.to(dtype).float()
+    if dtype == torch.bfloat16:  # MKL in fp32 on bf16 values, rounded once
+        with torch.autocast('cpu', enabled=False):  # autocast would round the operands and emulate
+            out = F.linear(flat, weight, bias)
+        out = F.gelu(out).to(dtype) if gelu else out.to(dtype)
+        if residual is not None:
+            out = residual.reshape(-1, layer.out_features) + out
+    elif residual is not None:
         out = torch.ops.mkldnn._linear_pointwise.binary(
             flat, residual.reshape(-1, layer.out_features), weight, layer.bias, 'add')
     elif gelu:
@@ -421,10 +491,12 @@ def packed_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
 
 @torch.jit.unused
 def packed_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for ``(B, C, H, W)`` ``x`` with the weight packed once; the output is channels-last
-    in memory. Only where :func:`packed_conv_applies`."""
-    return torch.ops.mkldnn._convolution_pointwise(x, packed_weight(conv), conv.bias, conv.padding, conv.stride,
-                                                   conv.dilation, conv.groups, 'none', [], '')
+    """``conv(x)`` for ``(B, C, H, W)`` ``x`` with the weight packed once, in the dtype the definition
+    gives; the output is channels-last in memory. Only where :func:`packed_conv_applies`."""
+    dtype = _product_dtype(conv, x)
+    bias = None if conv.bias is None else conv.bias.to(dtype).float()
+    return torch.ops.mkldnn._convolution_pointwise(x.to(dtype).float(), packed_weight(conv, dtype), bias, conv.padding,
+                                                   conv.stride, conv.dilation, conv.groups, 'none', [], '').to(dtype)
 
 
 # ---- CrossEmbedLayer: large strided kernels as space-to-depth convolutions --------------------
