@@ -13,6 +13,8 @@ speed-up                          layer                 condition
 ================================  ====================  =============================================
 token chunks                      GroupAttention,       :func:`_cpu_inference`: CPU inference (eval,
                                   block MLP residual    no grad, no autocast), more than a chunk
+explicit attention of small       GroupAttention        :func:`_cpu_inference`, fp32, groups of at
+groups                                                  most EXPLICIT_ATTENTION_MAX_TOKENS tokens
 query blocks of a huge group      GroupAttention        :meth:`AttentionSpeedups._huge`: no grad, any
                                                         device, attention over HUGE_GROUP_BYTES
 lean MLP (GELU recomputed)        block MLP residual    :meth:`BlockSpeedups._lean_applies`: training
@@ -63,6 +65,10 @@ __all__ = ['set_speedups', 'capturing', 'padding_mask', 'gelu_linear', 'space_to
 # Tuned on 2 CPU cores (benchmarks/benchmark.py): enough tokens that the matmuls stay efficient,
 # few enough that a chunk's wide intermediates stay in cache.
 ATTENTION_CHUNK_TOKENS = 1536  # tokens of whole groups per chunk of GroupAttention
+# SDPA's CPU kernel works in blocks of queries and keys; on groups this small (SDA and LDA at G = 7
+# are 49 tokens) the explicit matmul-softmax-matmul is faster, in fp32 (in bf16 its products are
+# not native everywhere).
+EXPLICIT_ATTENTION_MAX_TOKENS = 144
 # A group whose attention weights (heads x N x N) would exceed HUGE_GROUP_BYTES is computed
 # QUERY_BLOCK_BYTES of weights at a time (a strip's whole-map group: 16 x 8192 pixels make 8192 tokens).
 HUGE_GROUP_BYTES = 64 * 2 ** 20
@@ -156,7 +162,8 @@ class AttentionSpeedups(_Speedup):
     block of queries at a time.
 
     - CPU inference: each chunk's q, k, v and attention weights stay in cache. A chunk never spans
-      two images, so it takes a slice of the padding mask; each chunk runs the layer's own ``forward``.
+      two images, so it takes a slice of the padding mask. Each chunk runs the layer's ``forward``
+      with qkv and proj as :func:`packed_linear` where that pays, and small groups attended explicitly.
     - A huge group (its ``heads x N x N`` attention over :data:`HUGE_GROUP_BYTES`) while no gradient
       is recorded, on any device: queries go :data:`QUERY_BLOCK_BYTES` of attention weights at a
       time, each block's bias rows gathered from the group's ``(2Gh-1)(2Gw-1)`` offset table, so
@@ -176,13 +183,8 @@ class AttentionSpeedups(_Speedup):
                 and self.num_heads * x.shape[1] ** 2 * x.element_size() > HUGE_GROUP_BYTES and not _has_hooks(self))
 
     @torch.jit.unused
-    def _packed_applies(self, x: torch.Tensor) -> bool:
-        return packed_linear_applies(self.qkv, x) and packed_linear_applies(self.proj, x)
-
-    @torch.jit.unused
     def speedup_applies(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
-        return self._huge(x) or (_cpu_inference(self, x) and (
-            x.shape[0] > self._groups_per_chunk(x, mask) or self._packed_applies(x)))
+        return self._huge(x) or _cpu_inference(self, x)
 
     @torch.jit.unused
     def speedup(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -190,23 +192,28 @@ class AttentionSpeedups(_Speedup):
             return self._query_blocks(x, group_h, group_w, mask)
         groups = x.shape[0] if mask is None else mask.shape[0]
         step = self._groups_per_chunk(x, mask)
-        chunk = self._packed_forward if self._packed_applies(x) else self.forward
+        if x.shape[0] <= step:
+            return self._inference_forward(x, group_h, group_w, mask)
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], groups):
             for g in range(0, groups, step):
                 n = min(step, groups - g)
                 rows = slice(start + g, start + g + n)
-                out[rows] = chunk(x[rows], group_h, group_w, None if mask is None else mask[g:g + n])
+                out[rows] = self._inference_forward(x[rows], group_h, group_w, None if mask is None else mask[g:g + n])
         return out
 
     @torch.jit.unused
-    def _packed_forward(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """The layer's ``forward`` at inference, with its qkv and proj products :func:`packed_linear`."""
+    def _inference_forward(self, x: torch.Tensor, group_h: int, group_w: int,
+                           mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer's ``forward`` at CPU inference: qkv and proj as :func:`packed_linear` where that pays,
+        and explicit attention for groups of at most :data:`EXPLICIT_ATTENTION_MAX_TOKENS` in fp32."""
         B_, N, C = x.shape
-        q, k, v = packed_linear(self.qkv, x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = packed_linear(self.qkv, x) if packed_linear_applies(self.qkv, x) else self.qkv(x)
+        q, k, v = qkv.view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.pos(group_h, group_w, q.dtype, q.device)  # heads, N, N
-        x = self.attention(q, k, v, bias, mask, 0.)
-        return packed_linear(self.proj, x.transpose(1, 2).reshape(B_, N, C))
+        fused = self.fused_attn and (N > EXPLICIT_ATTENTION_MAX_TOKENS or q.dtype != torch.float32)
+        x = self.attention(q, k, v, bias, mask, 0., fused).transpose(1, 2).reshape(B_, N, C)
+        return packed_linear(self.proj, x) if packed_linear_applies(self.proj, x) else self.proj(x)
 
     @torch.jit.unused
     def _query_blocks(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
