@@ -13,8 +13,6 @@ speed-up                          layer                 condition
 ================================  ====================  =============================================
 token chunks                      GroupAttention,       :func:`_cpu_inference`: CPU inference (eval,
                                   block MLP residual    no grad, no autocast), more than a chunk
-explicit attention of small       GroupAttention        :func:`_cpu_inference`, fp32, groups of at
-groups                                                  most EXPLICIT_ATTENTION_MAX_TOKENS tokens
 query blocks of a huge group      GroupAttention        :meth:`AttentionSpeedups._huge`: no grad, any
                                                         device, attention over HUGE_GROUP_BYTES
 lean MLP (GELU recomputed)        block MLP residual    :meth:`BlockSpeedups._lean_applies`: training
@@ -65,10 +63,6 @@ __all__ = ['set_speedups', 'capturing', 'padding_mask', 'gelu_linear', 'space_to
 # Tuned on 2 CPU cores (benchmarks/benchmark.py): enough tokens that the matmuls stay efficient,
 # few enough that a chunk's wide intermediates stay in cache.
 ATTENTION_CHUNK_TOKENS = 1536  # tokens of whole groups per chunk of GroupAttention
-# SDPA's CPU kernel works in blocks of queries and keys; on groups this small (SDA and LDA at G = 7
-# are 49 tokens) the explicit matmul-softmax-matmul is faster, in fp32 (in bf16 its products are
-# not native everywhere).
-EXPLICIT_ATTENTION_MAX_TOKENS = 144
 # A group whose attention weights (heads x N x N) would exceed HUGE_GROUP_BYTES is computed
 # QUERY_BLOCK_BYTES of weights at a time (a strip's whole-map group: 16 x 8192 pixels make 8192 tokens).
 HUGE_GROUP_BYTES = 64 * 2 ** 20
@@ -163,7 +157,7 @@ class AttentionSpeedups(_Speedup):
 
     - CPU inference: each chunk's q, k, v and attention weights stay in cache. A chunk never spans
       two images, so it takes a slice of the padding mask. Each chunk runs the layer's ``forward``
-      with qkv and proj as :func:`packed_linear` where that pays, and small groups attended explicitly.
+      with qkv and proj as :func:`packed_linear` where that pays.
     - A huge group (its ``heads x N x N`` attention over :data:`HUGE_GROUP_BYTES`) while no gradient
       is recorded, on any device: queries go :data:`QUERY_BLOCK_BYTES` of attention weights at a
       time, each block's bias rows gathered from the group's ``(2Gh-1)(2Gw-1)`` offset table, so
@@ -205,14 +199,12 @@ class AttentionSpeedups(_Speedup):
     @torch.jit.unused
     def _inference_forward(self, x: torch.Tensor, group_h: int, group_w: int,
                            mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """The layer's ``forward`` at CPU inference: qkv and proj as :func:`packed_linear` where that pays,
-        and explicit attention for groups of at most :data:`EXPLICIT_ATTENTION_MAX_TOKENS` in fp32."""
+        """The layer's ``forward`` at CPU inference, qkv and proj as :func:`packed_linear` where that pays."""
         B_, N, C = x.shape
         qkv = packed_linear(self.qkv, x) if packed_linear_applies(self.qkv, x) else self.qkv(x)
         q, k, v = qkv.view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.pos(group_h, group_w, q.dtype, q.device)  # heads, N, N
-        fused = self.fused_attn and (N > EXPLICIT_ATTENTION_MAX_TOKENS or q.dtype != torch.float32)
-        x = self.attention(q, k, v, bias, mask, 0., fused).transpose(1, 2).reshape(B_, N, C)
+        x = self.attention(q, k, v, bias, mask, 0.).transpose(1, 2).reshape(B_, N, C)
         return packed_linear(self.proj, x) if packed_linear_applies(self.proj, x) else self.proj(x)
 
     @torch.jit.unused
