@@ -223,6 +223,11 @@ def test_emulated_bf16_products_round_as_bf16_products_do(autocast, monkeypatch)
         assert out.dtype == conv(image).dtype == torch.bfloat16
         torch.testing.assert_close(out, exact_conv.bfloat16(), atol=1e-6, rtol=2 ** -8)
         assert [p.weight.dtype for p in speedups._packed_weights[layer].values()] == [torch.float32]  # fp32 copies
+    if not autocast:
+        fp32 = layer.float()  # in place: the bf16 pack is stale, dropped as the fp32 one is made
+        with torch.no_grad():
+            speedups.packed_linear(fp32, x.float())
+        assert list(speedups._packed_weights[fp32]) == [torch.float32]
 
 
 @pytest.mark.parametrize('autocast', [False, True], ids=['bf16-model', 'bf16-autocast'])

@@ -370,6 +370,8 @@ def packed_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch
     packs = _packed_weights.setdefault(layer, {})
     pack = packs.get(dtype)
     if pack is None or pack.storage() is not storage or pack.layout != _weight_layout(weight):
+        for stale in [d for d, p in packs.items() if p.storage() is not storage or p.layout != _weight_layout(weight)]:
+            del packs[stale]  # packed from an earlier weight (``.to()``, ``load_state_dict``)
         fp32 = weight.detach().to(dtype).float()  # a bf16 product on a host without them: in fp32
         if isinstance(layer, nn.Conv2d):
             packed = torch.ops.mkldnn._reorder_convolution_weight(
