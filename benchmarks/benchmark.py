@@ -4,6 +4,7 @@
     python benchmarks/benchmark.py --sections eval --models crossformer_s crossformer_t
     python benchmarks/benchmark.py --device cuda --batch 128 --amp bf16 --compile
     python benchmarks/benchmark.py --sections deploy --batch 1    # vs onnxruntime, OpenVINO: needs .[bench]
+    python benchmarks/benchmark.py --sections products --batch 1  # where packed oneDNN products pay
     python benchmarks/benchmark.py --sections shapes --models crossformer_t crossformerpp_s
 
 Every timing is the median over ``--rounds`` interleaved rounds (each contender once per
@@ -366,8 +367,56 @@ def section_deploy(args, device):
                   f'| {2 * g * 1e9 * args.batch / v / peak:.2f} |')
 
 
+# ---- products: oneDNN with a packed weight vs torch's default, at the model's own shapes --------
+
+PRODUCT_TOKENS = (49, 196, 784, 1536)  # stage 4 and 3 of one image; a chunk of tokens
+
+
+def section_products(args, device):
+    """Where packing pays: each Linear shape of the model at several token counts, and each CEL
+    convolution at ``--batch``, oneDNN with a packed weight over torch's default, interleaved."""
+    from crossformer.layers.speedups import _onednn_linear_pays
+    print(f'\n## products: oneDNN with a packed weight / torch default, speed ratio (median of {args.rounds} '
+          f'interleaved rounds); * = the library packs it on this host')
+    for name in args.models:
+        model = timm.create_model(name).eval()
+        linears = {(m.in_features, m.out_features): m for m in model.modules() if isinstance(m, torch.nn.Linear)
+                   and min(m.in_features, m.out_features) >= 16}  # not the DPB's
+        print(f'| {name} Linear | ' + ' | '.join(f'{t} tokens' for t in PRODUCT_TOKENS) + ' |')
+        print('|---|' + '---:|' * len(PRODUCT_TOKENS))
+        for (i, o), layer in sorted(linears.items()):
+            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
+            cells = []
+            for tokens in PRODUCT_TOKENS:
+                x = torch.randn(tokens, i)
+                with torch.inference_mode():
+                    t = interleaved({'torch': lambda: torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                     'onednn': lambda: torch.ops.mkldnn._linear_pointwise(
+                                         x, packed, layer.bias, 'none', [], '')}, args.rounds, device)
+                cells.append(f'{t["torch"] / t["onednn"]:.2f}{"*" if _onednn_linear_pays(layer, tokens) else ""}')
+            print(f'| {i} -> {o} | ' + ' | '.join(cells) + ' |')
+        convs, inputs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)], {}
+        hooks = [m.register_forward_hook(lambda m, a, out, n=n: inputs.__setitem__(n, a[0])) for n, m in convs]
+        with torch.inference_mode():
+            model(torch.randn(args.batch, 3, args.size, args.size))
+        for h in hooks:
+            h.remove()
+        print(f'| {name} convolution, batch {args.batch} | kernel | torch ms | packed ms | ratio |')
+        print('|---|---:|---:|---:|---:|')
+        for n, conv in convs:
+            x = inputs[n]
+            packed = torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach(), conv.padding, conv.stride,
+                                                                 conv.dilation, conv.groups, None)
+            with torch.inference_mode():
+                t = interleaved({'torch': lambda: conv(x), 'onednn': lambda: torch.ops.mkldnn._convolution_pointwise(
+                    x, packed, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, 'none', [], '')},
+                    args.rounds, device)
+            print(f'| {n} | {conv.kernel_size[0]} | {t["torch"] * 1e3:.2f} | {t["onednn"] * 1e3:.2f} '
+                  f'| {t["torch"] / t["onednn"]:.2f} |')
+
+
 SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling,
-            'deploy': section_deploy, 'shapes': section_shapes}
+            'deploy': section_deploy, 'shapes': section_shapes, 'products': section_products}
 
 
 def main():
