@@ -1,10 +1,11 @@
 """Every eager-only speed-up of the CrossFormer layers, with its tuned constants and its condition.
 
 Each speed-up computes what the layer's definition computes (tests hold the two within 1e-5),
-faster or with less memory. In bf16 on a host without bf16 products, a packed product runs in fp32
-on the bf16 values and rounds its output once, as a native bf16 product would; tests hold it as
-close to the fp32 model as the bf16 definition is. A layer's ``forward`` is the definition, with one line where its
-speed-up may take over; the layer inherits that speed-up from a class here.
+faster or with less memory. (In bf16 on a host without bf16 products, a packed product runs in
+fp32 on the bf16 values and rounds its output once, as a native bf16 product would; tests hold
+it as close to the fp32 model as the bf16 definition is.) A layer's ``forward`` is the
+definition, with one line where its speed-up may take over; the layer inherits that speed-up
+from a class here.
 
 When they apply, stated once each below:
 
@@ -12,7 +13,7 @@ When they apply, stated once each below:
 speed-up                          layer                 condition
 ================================  ====================  =============================================
 token chunks                      GroupAttention,       :func:`_cpu_inference`: CPU inference (eval,
-                                  block MLP residual    no grad, no autocast), more than a chunk
+                                  block MLP residual    no grad, no autocast but emulated bf16)
 query blocks of a huge group      GroupAttention        :meth:`AttentionSpeedups._huge`: no grad, any
                                                         device, attention over HUGE_GROUP_BYTES
 lean MLP (GELU recomputed)        block MLP residual    :meth:`BlockSpeedups._lean_applies`: training
@@ -33,8 +34,8 @@ The two caches are bounded in bytes, shared by every model of the process, least
 first out, and safe under threads (:class:`ByteBoundedCache`): DPB biases and offset tables at most
 ``DPB_CACHE_BYTES`` (128 MiB), none above ``DPB_CACHE_ENTRY_BYTES`` (8 MiB, recomputed on every
 call instead); padding masks at most ``MASK_CACHE_BYTES`` (16 MiB), none above 4 MiB. Packed
-weights are one per packed layer, as large as its fp32 weight; they go with the model, or with
-``set_speedups(model, False)``.
+weights are one per packed layer and product dtype, each as large as the weight in fp32; they go
+with the model, or with ``set_speedups(model, False)``.
 
 And for all of them: never while a graph is captured (TorchScript, ``torch.jit.trace`` and so
 ONNX, FX, ``torch.compile``), so a graph records the definition; never past a layer that is not
@@ -72,8 +73,8 @@ LEAN_MLP_CHUNK_TOKENS = 2048  # tokens per chunk of the lean MLP, CPU fp32 train
 # Where oneDNN's packed product beats torch's default (MKL) fp32 product (benchmarks/): with
 # AVX-512 every Linear (MKL dispatches AVX2 kernels on AMD processors); with AVX2 a Linear with a
 # side at most PACKED_LINEAR_MAX_SIDE_AVX2 wide (stage 1 of crossformer_t), or one at least
-# PACKED_LINEAR_MIN_SIDE_AVX2 wide on at most PACKED_LINEAR_MAX_TOKENS_AVX2 tokens (the late stages
-# of one image), where MKL was slower at one and at two threads.
+# PACKED_LINEAR_MIN_SIDE_AVX2 wide on at most PACKED_LINEAR_MAX_TOKENS_AVX2 tokens (stages 3 and 4
+# of one image), where MKL was slower (``benchmark.py --sections products``).
 PACKED_LINEAR_MAX_SIDE_AVX2 = 64
 PACKED_LINEAR_MIN_SIDE_AVX2 = 384
 PACKED_LINEAR_MAX_TOKENS_AVX2 = 256
@@ -288,8 +289,8 @@ class BlockSpeedups(_Speedup):
     """For :class:`~crossformer.layers.CrossFormerBlock`'s ``mlp_residual``, ``x + MLP(norm2(x))``.
 
     - CPU inference: chunk by chunk of tokens, so each chunk's norm, 4x wide hidden layer, GELU and
-      residual stay in cache; each chunk runs the block's own ``mlp_residual``. In fp32 with
-      timm's plain ``Mlp`` (:meth:`_packed_applies`), a chunk is instead two :func:`packed_linear`
+      residual stay in cache; each chunk runs the block's own ``mlp_residual``. Where timm's plain
+      ``Mlp`` can be packed (:meth:`_packed_applies`), a chunk is instead two :func:`packed_linear`
       products: fc1 with its GELU, fc2 with the residual add, at any number of tokens.
     - Training with autograd, where the MLP is timm's plain ``Mlp`` with exact GELU: the GELU
       output is recomputed in backward instead of kept (:func:`gelu_linear`), ``4C`` fewer floats
@@ -666,6 +667,7 @@ def padding_mask(height: int, width: int, group_h: int, group_w: int, interval: 
                  device: torch.device) -> Optional[torch.Tensor]:
     """:func:`~crossformer.layers.grouping.build_padding_mask`, cached per shape and device in eager
     mode (in :data:`mask_cache`); treat the result as read-only."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return build_padding_mask(height, width, group_h, group_w, interval, padded_h, padded_w, device)
-    return _cached_padding_mask(height, width, group_h, group_w, interval, padded_h, padded_w, device)
+    if not torch.jit.is_scripting():  # TorchScript compiles none of this block
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            return _cached_padding_mask(height, width, group_h, group_w, interval, padded_h, padded_w, device)
+    return build_padding_mask(height, width, group_h, group_w, interval, padded_h, padded_w, device)
