@@ -15,7 +15,8 @@ round, in turn), so slow drift of the machine hits all of them alike. Baselines:
 - ``swin_tiny``: timm's ``swin_tiny_patch4_window7_224`` (fused attention), same input.
 
 The deploy section runs the same weights as our eager fp32, ``model.to(torch.bfloat16)``,
-fp32 under bf16 autocast, ``torch.compile`` (default and with inductor's freezing) and our own
+fp32 under bf16 autocast, ``torch.compile`` (default, with inductor's freezing, and of the bf16
+model) and our own
 ONNX export in onnxruntime and OpenVINO, against the host's best matrix product of each dtype:
 the faster of torch's default and oneDNN with a packed weight (for bf16 on a host without bf16
 products, the fp32 one too: bf16 then runs fp32 products).
@@ -251,8 +252,8 @@ def section_gmacs(args, device):
 
 # ---- deploy: our eager and compiled paths next to onnxruntime and OpenVINO on our ONNX export --
 
-DEPLOY_CONTENDERS = ['eager', 'bf16', 'autocast-bf16', 'compile', 'compile-freezing', 'onnxruntime', 'openvino',
-                     'openvino-bf16']
+DEPLOY_CONTENDERS = ['eager', 'bf16', 'autocast-bf16', 'compile', 'compile-freezing', 'compile-bf16', 'onnxruntime',
+                     'openvino', 'openvino-bf16']
 
 
 def best_matmul_flops(dtype: torch.dtype, n: int = 1024, rounds: int = 5) -> Dict[str, float]:
@@ -283,10 +284,11 @@ def deploy_runners(name: str, x: torch.Tensor, contenders: List[str], onnx_path:
     runners: Dict[str, Callable] = {}
     if 'eager' in contenders:
         runners['eager'] = lambda: model(x)
-    if 'bf16' in contenders:
+    if 'bf16' in contenders or 'compile-bf16' in contenders:
         model_bf16 = timm.create_model(name).eval().to(torch.bfloat16)
         model_bf16.load_state_dict(model.state_dict())
         x_bf16 = x.to(torch.bfloat16)
+    if 'bf16' in contenders:
         runners['bf16'] = lambda: model_bf16(x_bf16).float()
     if 'autocast-bf16' in contenders:
         def autocast_bf16():
@@ -299,6 +301,9 @@ def deploy_runners(name: str, x: torch.Tensor, contenders: List[str], onnx_path:
     if 'compile-freezing' in contenders:  # inductor's own oneDNN weight packing; its own backend, its own graph
         compiled_frozen = torch.compile(model, options={'freezing': True})
         runners['compile-freezing'] = lambda: compiled_frozen(x)
+    if 'compile-bf16' in contenders:
+        compiled_bf16 = torch.compile(model_bf16)
+        runners['compile-bf16'] = lambda: compiled_bf16(x_bf16).float()
     missing = [c for c in contenders if c.startswith(('onnxruntime', 'openvino'))
                and importlib.util.find_spec(c.split('-')[0]) is None]
     if missing:

@@ -153,6 +153,11 @@ def test_chunks_under_autocast_only_where_bf16_products_are_emulated(emulated, m
         assert not torch.equal(fast, plain)
     else:
         assert torch.equal(fast, plain)
+    monkeypatch.setattr(speedups, 'ATTENTION_CHUNK_TOKENS', 18)  # 2 groups of 9 tokens a chunk
+    attention = GroupAttention(16, 2).eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        for groups in (1, 5):  # one chunk; three chunks
+            assert attention(torch.randn(groups, 9, 16), 3, 3).dtype == torch.bfloat16  # as autocast's proj gives
 
 
 def test_chunks_step_aside_with_grad_and_when_hooked(monkeypatch):

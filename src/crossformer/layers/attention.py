@@ -103,7 +103,7 @@ class GroupAttention(AttentionSpeedups, nn.Module):
 
     def forward(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.speedup_applies(x, mask):
-            return self.speedup(x, group_h, group_w, mask)  # a few groups, or huge groups in query blocks
+            return self.speedup(x, group_h, group_w, mask)  # CPU inference a few groups at a time; huge groups
         B_, N, C = x.shape
         qkv = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # B_, heads, N, head_dim

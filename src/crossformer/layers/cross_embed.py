@@ -67,7 +67,7 @@ class CrossEmbedLayer(CrossEmbedSpeedups, nn.Module):
         H, W = x.shape[-2:]
         x = F.pad(x, (0, (-W) % self.stride, 0, (-H) % self.stride))
         if not torch.jit.is_scripting() and self.speedup_applies(x):
-            x = self.speedup(x)  # the same convolutions, large kernels as space-to-depth
+            x = self.speedup(x)  # the same convolutions: packed weights, or large kernels as space-to-depth
         else:
             x = torch.cat([proj(x) for proj in self.projs], dim=1)
         x = x.permute(0, 2, 3, 1)  # B, H', W', C_out

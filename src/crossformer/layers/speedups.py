@@ -86,14 +86,17 @@ SPACE_TO_DEPTH_MAX_CHANNELS = 64  # input channels after regrouping, C * stride*
 def set_speedups(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Turn every speed-up of ``model``'s CrossFormer layers on or off; returns ``model``.
 
-    Off, every layer runs its definition, with explicit attention; on, fused attention follows
-    timm's ``use_fused_attn()`` (``TIMM_FUSED_ATTN``).
+    Off, every layer runs its definition, with explicit attention, and the model's packed weights
+    and cached DPB biases are dropped; on, fused attention follows timm's ``use_fused_attn()``
+    (``TIMM_FUSED_ATTN``).
     """
     for module in model.modules():
         if isinstance(module, _Speedup):
             module.speedups = enabled
         if not enabled:
             _packed_weights.pop(module, None)
+            if isinstance(module, PosBiasSpeedups):
+                dpb_cache.discard(lambda key, module=module: key[0]() is module)
         if isinstance(module, AttentionSpeedups):
             module.fused_attn = enabled and use_fused_attn()
     return model
@@ -140,8 +143,9 @@ class _Speedup:
 
 @torch.jit.unused
 def _cpu_inference(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Where token chunks pay off: CPU inference (eval, no grad; no autocast, but for bf16 autocast on
-    a host without bf16 products, where packed fp32 products pay), no hooks inside.
+    """Where token chunks and the packed inference paths pay off: CPU inference (eval, no grad; no
+    autocast, but for bf16 autocast on a host without bf16 products, where packed fp32 products
+    pay), no hooks inside.
 
     Chunks keep a layer's wide intermediates in cache; a GPU wants whole tensors instead, and
     autograd would keep every chunk's intermediates anyway. Hooks see whole tensors.
@@ -189,18 +193,22 @@ class AttentionSpeedups(_Speedup):
         step = self._groups_per_chunk(x, mask)
         if x.shape[0] <= step:
             return self._inference_forward(x, group_h, group_w, mask)
-        out = torch.empty_like(x)
+        out: Optional[torch.Tensor] = None
         for start in range(0, x.shape[0], groups):
             for g in range(0, groups, step):
                 n = min(step, groups - g)
                 rows = slice(start + g, start + g + n)
-                out[rows] = self._inference_forward(x[rows], group_h, group_w, None if mask is None else mask[g:g + n])
+                chunk = self._inference_forward(x[rows], group_h, group_w, None if mask is None else mask[g:g + n])
+                if out is None:  # in the chunks' dtype: bf16 under autocast
+                    out = x.new_empty(x.shape, dtype=chunk.dtype)
+                out[rows] = chunk
         return out
 
     @torch.jit.unused
     def _inference_forward(self, x: torch.Tensor, group_h: int, group_w: int,
                            mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """The layer's ``forward`` at CPU inference, qkv and proj as :func:`packed_linear` where that pays."""
+        """The layer's ``forward`` at CPU inference (eval: no dropout), qkv and proj as
+        :func:`packed_linear` where that pays. Keep it in step with ``GroupAttention.forward``."""
         B_, N, C = x.shape
         qkv = packed_linear(self.qkv, x) if packed_linear_applies(self.qkv, x) else self.qkv(x)
         q, k, v = qkv.view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -351,6 +359,7 @@ class _Pack(NamedTuple):
 # fp32; they go with the layer (weak keys) or with ``set_speedups(model, False)``, and each is
 # replaced whenever the weight changes.
 _packed_weights: 'weakref.WeakKeyDictionary[nn.Module, Dict[torch.dtype, _Pack]]' = weakref.WeakKeyDictionary()
+_packs_lock = threading.Lock()  # threads may run one model, in fp32 and under autocast at once
 
 
 def _weight_layout(weight: torch.Tensor) -> tuple:
@@ -364,23 +373,25 @@ def packed_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch
 
     The cache checks the weight's storage itself (a weak reference, so ``.to()`` or a swapped
     ``.data`` never matches an old pack, even at a reused address) and its version counter
-    (an optimizer step or ``load_state_dict`` writes in place and bumps it).
+    (an optimizer step, ``load_state_dict`` or any in-place write to the parameter bumps it). A
+    write through ``.data`` bypasses the version counter, as it bypasses autograd: after one, call
+    ``set_speedups(model, False)`` to drop the packs (and ``True`` again).
     """
     weight = layer.weight
     storage = weight.untyped_storage()
-    packs = _packed_weights.setdefault(layer, {})
-    pack = packs.get(dtype)
-    if pack is None or pack.storage() is not storage or pack.layout != _weight_layout(weight):
-        for stale in [d for d, p in packs.items() if p.storage() is not storage or p.layout != _weight_layout(weight)]:
-            del packs[stale]  # packed from an earlier weight (``.to()``, ``load_state_dict``)
-        fp32 = weight.detach().to(dtype).float()  # a bf16 product on a host without them: in fp32
-        if isinstance(layer, nn.Conv2d):
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                fp32, layer.padding, layer.stride, layer.dilation, layer.groups, None)
-        else:
-            packed = fp32 if dtype == torch.bfloat16 else torch.ops.mkldnn._reorder_linear_weight(fp32, None)
-        pack = _Pack(weakref.ref(storage), _weight_layout(weight), packed)
-        packs[dtype] = pack
+    with _packs_lock:
+        packs = _packed_weights.setdefault(layer, {})
+        pack = packs.get(dtype)
+        if pack is None or pack.storage() is not storage or pack.layout != _weight_layout(weight):
+            fresh = {d: p for d, p in packs.items() if p.storage() is storage and p.layout == _weight_layout(weight)}
+            fp32 = weight.detach().to(dtype).float()  # a bf16 product on a host without them: in fp32
+            if isinstance(layer, nn.Conv2d):
+                packed = torch.ops.mkldnn._reorder_convolution_weight(
+                    fp32, layer.padding, layer.stride, layer.dilation, layer.groups, None)
+            else:
+                packed = fp32 if dtype == torch.bfloat16 else torch.ops.mkldnn._reorder_linear_weight(fp32, None)
+            pack = fresh[dtype] = _Pack(weakref.ref(storage), _weight_layout(weight), packed)
+            _packed_weights[layer] = fresh  # packs of an earlier weight (``.to()``, ``load_state_dict``) go
     return pack.weight
 
 
@@ -397,8 +408,9 @@ def _avx512() -> bool:
 
 @lru_cache(maxsize=None)
 def _bf16_emulated() -> bool:
-    """The host has no bf16 products oneDNN can use (AVX-512, AMX or AVX-NE-CONVERT): torch
-    emulates them, several times slower than fp32 products."""
+    """oneDNN has no bf16 products on this host (it has them from AVX-512 cores on, with AMX or with
+    AVX-NE-CONVERT: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``): torch then emulates them,
+    several times slower than fp32 products."""
     return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -585,8 +597,7 @@ class ByteBoundedCache:
         size = value.untyped_storage().nbytes()
         with self._lock:
             if drop is not None:
-                for stale in [k for k in self._entries if drop(k)]:
-                    self._bytes -= self._entries.pop(stale).untyped_storage().nbytes()
+                self._discard(drop)
             if size > min(self.max_entry_bytes, self.max_bytes) or key in self._entries:
                 return value
             while self._entries and self._bytes + size > self.max_bytes:
@@ -594,6 +605,15 @@ class ByteBoundedCache:
             self._entries[key] = value
             self._bytes += size
         return value
+
+    def discard(self, drop) -> None:
+        """Remove the entries for which ``drop(key)`` is true."""
+        with self._lock:
+            self._discard(drop)
+
+    def _discard(self, drop) -> None:  # with the lock held
+        for key in [k for k in self._entries if drop(k)]:
+            self._bytes -= self._entries.pop(key).untyped_storage().nbytes()
 
     def clear(self) -> None:
         with self._lock:
