@@ -30,7 +30,8 @@ from .files import PathLike, atomic_write, existing_file
 from .readers import read_safetensors_file, read_safetensors_metadata, read_torch_file
 
 __all__ = ['read_checkpoint', 'read_metadata', 'load_checkpoint', 'save_weights', 'validate_tensors',
-           'save_run_weights', 'read_run_info', 'RUN_INFO_KEY', 'MAX_BYTES_PER_MODEL_BYTE', 'max_checkpoint_bytes']
+           'save_run_weights', 'read_run_info', 'RUN_INFO_KEY', 'MAX_BYTES_PER_MODEL_BYTE', 'max_checkpoint_bytes',
+           'max_bytes_for_values']
 
 StateDict = Dict[str, torch.Tensor]
 FilterFn = Callable[[StateDict], StateDict]
@@ -125,9 +126,14 @@ def _short(keys: Iterable[str]) -> str:
 
 
 def max_checkpoint_bytes(model: nn.Module) -> int:
-    """The most tensor bytes a file loaded into ``model`` may declare: :data:`MAX_BYTES_PER_MODEL_BYTE`
-    times the model's fp32 size, plus 64 MiB for small models' optimizer state and metadata."""
-    return MAX_BYTES_PER_MODEL_BYTE * 4 * sum(t.numel() for t in model.state_dict().values()) + 2 ** 26
+    """The most tensor bytes a file loaded into ``model`` may declare (:func:`max_bytes_for_values`)."""
+    return max_bytes_for_values(sum(t.numel() for t in model.state_dict().values()))
+
+
+def max_bytes_for_values(values: int) -> int:
+    """The most tensor bytes a file for a model of ``values`` numbers may declare: :data:`MAX_BYTES_PER_MODEL_BYTE`
+    times its fp32 size, plus 64 MiB for small models' optimizer state and metadata."""
+    return MAX_BYTES_PER_MODEL_BYTE * 4 * values + 2 ** 26
 
 
 def load_checkpoint(

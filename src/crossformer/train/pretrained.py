@@ -25,7 +25,7 @@ from ..errors import CheckpointError, MissingFileError
 from ..hub import read_model_folder
 from ..models import checkpoint_filter_fn, variant_names
 from ..models.crossformer import PAPER_RESULTS
-from ..weights import MAX_BYTES_PER_MODEL_BYTE, load_checkpoint, max_checkpoint_bytes, read_checkpoint, read_run_info
+from ..weights import load_checkpoint, max_bytes_for_values, max_checkpoint_bytes, read_checkpoint, read_run_info
 
 __all__ = ['load_pretrained', 'describe_model', 'published_note', 'identify_variant']
 
@@ -50,7 +50,7 @@ def published_note(name: str, model_kwargs: Optional[Mapping[str, Any]]) -> str:
 
 def _shapes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
     """Key -> shape in this library's layout, without the head (it follows the data, not the variant)."""
-    return {k: tuple(v.shape) for k, v in checkpoint_filter_fn(dict(state_dict)).items() if not k.startswith(_HEAD)}
+    return {k: tuple(v.shape) for k, v in _without_head(state_dict).items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +83,7 @@ def _head_classes(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
 
 def _largest_variant_bytes() -> int:
     """The largest variant's memory bound (the papers' counts): what reading a file to name its variant may take."""
-    return MAX_BYTES_PER_MODEL_BYTE * 4 * int(max(r['params_m'] for r in PAPER_RESULTS.values()) * 1e6) + 2 ** 26
+    return max_bytes_for_values(int(max(r['params_m'] for r in PAPER_RESULTS.values()) * 1e6))
 
 
 def _mismatch(source: str, weights: Path, state_dict: Optional[StateDict], model: nn.Module,
