@@ -1,7 +1,7 @@
 """Accuracy and speed of the inference precisions a CPU user can pick, on a trained model's validation split.
 
-    crossformer train                                            # the digits model, in outputs/train/
-    python benchmarks/precision.py --checkpoint outputs/train    # a model folder or weights file
+    crossformer train                                            # the digits model, in outputs/digits/
+    python benchmarks/precision.py --checkpoint outputs/digits   # a model folder or weights file
 
 For fp32, ``model.to(torch.bfloat16)``, bf16 autocast and dynamic int8 Linears (torch.ao's
 ``quantize_dynamic``, and torchao's where installed): top-1 on the validation images, how many
