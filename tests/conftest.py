@@ -1,10 +1,15 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import crossformer  # noqa: F401  (registers the timm models)
+
+# Tuning choices stay in each test process: no file in the user's cache folder (tests/test_tuning.py
+# points the file at a temporary folder where it tests it).
+os.environ['CROSSFORMER_TUNING_CACHE'] = 'off'
 
 REFERENCE = Path(__file__).resolve().parent / 'reference'  # copied from the reference implementation; see its README
 

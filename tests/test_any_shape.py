@@ -9,6 +9,7 @@ import torch
 
 from crossformer import set_speedups
 from crossformer.layers import CrossFormerBlock, GroupAttention, speedups
+from crossformer.layers.speedups import caches, mixins
 
 hypothesis = pytest.importorskip('hypothesis')
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -65,8 +66,8 @@ def test_whole_map_group_has_no_padding():
 
 @pytest.mark.parametrize('masked', [False, True], ids=['whole-map', 'padded'])
 def test_huge_group_in_query_blocks_matches_the_definition(masked, monkeypatch):
-    monkeypatch.setattr(speedups, 'HUGE_GROUP_BYTES', 2 ** 10)
-    monkeypatch.setattr(speedups, 'QUERY_BLOCK_BYTES', 2 * 30 * 4 * 7)  # 7 queries a block: the last one short
+    monkeypatch.setattr(mixins, 'HUGE_GROUP_BYTES', 2 ** 10)
+    monkeypatch.setattr(mixins, 'QUERY_BLOCK_BYTES', 2 * 30 * 4 * 7)  # 7 queries a block: the last one short
     attn = GroupAttention(32, 2).eval()
     Gh, Gw = (5, 6) if masked else (3, 10)
     x = torch.randn(3 * 2, Gh * Gw, 32)  # 3 images, 2 groups each
@@ -119,12 +120,12 @@ def _tiny_model():
 
 def test_caches_stay_within_their_bounds_in_bytes(monkeypatch):
     """The bounds the docs state, and a stream of sizes through caches made small enough that they bite."""
-    assert (speedups.dpb_cache.max_bytes, speedups.dpb_cache.max_entry_bytes) == (128 * 2 ** 20, 8 * 2 ** 20)
+    assert (speedups.dpb_cache.max_bytes, speedups.dpb_cache.max_entry_bytes) == (64 * 2 ** 20, 8 * 2 ** 20)
     assert (speedups.mask_cache.max_bytes, speedups.mask_cache.max_entry_bytes) == (16 * 2 ** 20, 4 * 2 ** 20)
     model = _tiny_model()
     dpb, masks = speedups.ByteBoundedCache(256 * 2 ** 10, 64 * 2 ** 10), speedups.ByteBoundedCache(2 * 2 ** 10, 2 ** 10)
-    monkeypatch.setattr(speedups, 'dpb_cache', dpb)
-    monkeypatch.setattr(speedups, 'mask_cache', masks)
+    monkeypatch.setattr(mixins, 'dpb_cache', dpb)
+    monkeypatch.setattr(caches, 'mask_cache', masks)
     held = []
     with torch.no_grad():
         for h, w in STREAM:
@@ -144,7 +145,7 @@ def test_caches_stay_within_their_bounds_in_bytes(monkeypatch):
 
 
 def test_four_threads_sharing_a_model_give_what_one_thread_gives(monkeypatch):
-    monkeypatch.setattr(speedups, 'dpb_cache', speedups.ByteBoundedCache(128 * 2 ** 10, 32 * 2 ** 10))  # evicting
+    monkeypatch.setattr(mixins, 'dpb_cache', speedups.ByteBoundedCache(128 * 2 ** 10, 32 * 2 ** 10))  # evicting
     model = _tiny_model()
     images = [torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(i)) for i, (h, w) in enumerate(STREAM[:6])]
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Packed oneDNN Linears and convolutions: the definition's numbers, never a stale pack, only plain
+"""The product paths of Linears and convolutions (torch's, packed oneDNN, fp32 products of bf16
+values, space-to-depth): the definition's numbers on every path, never a stale pack, only plain
 layers, memory bounded."""
 import copy
 import gc
@@ -14,6 +15,7 @@ from torch import nn
 
 from crossformer import set_speedups
 from crossformer.layers import CrossEmbedLayer, CrossFormerBlock, speedups
+from crossformer.layers.speedups import gates, products
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='torch built without oneDNN')
 
@@ -34,31 +36,51 @@ def linear(in_features: int = 24, out_features: int = 40) -> nn.Linear:
 
 
 def packs_of(model: nn.Module) -> list:
-    return [m for m in model.modules() if m in speedups._packed_weights]
+    return [m for m in model.modules() if m in products._packed_weights]
+
+
+@pytest.fixture
+def force_path(monkeypatch):
+    """``force_path(p)``: every tuned product takes path ``p`` where it is offered, else torch's."""
+    def force(path: str):
+        monkeypatch.setattr(products, 'choose', lambda key, paths, run: (path if path in paths else 'default', None))
+    return force
+
+
+def emulate_bf16(monkeypatch):
+    """As on a host without bf16 products."""
+    monkeypatch.setattr(gates, 'bf16_emulated', lambda: True)
+    monkeypatch.setattr(products, 'bf16_emulated', lambda: True)
 
 
 @pytest.mark.parametrize('tokens', [1, 37, 2500])
-def test_packed_products_equal_the_definitions(tokens):
+def test_every_linear_path_equals_the_definition(tokens):
     layer = linear()
     x, residual = torch.randn(tokens, 24), torch.randn(tokens, 40)
     with torch.no_grad():
-        assert speedups.packed_linear_applies(layer, x)
-        torch.testing.assert_close(speedups.packed_linear(layer, x), F.linear(x, layer.weight, layer.bias),
-                                   atol=1e-5, rtol=0)
-        torch.testing.assert_close(speedups.packed_linear(layer, x, gelu=True), F.gelu(layer(x)), atol=1e-5, rtol=0)
-        torch.testing.assert_close(speedups.packed_linear(layer, x, residual=residual), residual + layer(x),
-                                   atol=1e-5, rtol=0)
-        shaped = x.view(1, tokens, 1, 24)  # any leading shape
-        assert speedups.packed_linear(layer, shaped).shape == (1, tokens, 1, 40)
+        assert products.linear_paths(layer, x) == ('default', 'onednn')
+        for path in ('default', 'onednn', None):  # None: the tuned one
+            torch.testing.assert_close(products.linear_product(layer, x, path=path),
+                                       F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=0)
+            torch.testing.assert_close(products.linear_product(layer, x, gelu=True, path=path), F.gelu(layer(x)),
+                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(products.linear_product(layer, x, residual=residual, path=path),
+                                       residual + layer(x), atol=1e-5, rtol=0)
+            shaped = x.view(1, tokens, 1, 24)  # any leading shape
+            assert products.linear_product(layer, shaped, path=path).shape == (1, tokens, 1, 40)
+        with pytest.raises(ValueError, match='fp32'):
+            products.linear_product(layer, x, path='fp32')  # not offered for an fp32 product
 
 
 @pytest.mark.parametrize('size', [(64, 80), (160, 160)], ids=['padded', 'chunked'])  # 160: 3200 tokens, 4 chunks
-def test_model_with_packed_mlps_equals_the_definition(size):
+@pytest.mark.parametrize('path', ['default', 'onednn'])
+def test_model_on_each_path_equals_the_definition(size, path, force_path):
+    force_path(path)
     model = small_model()
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         fast = model(x)
-        assert len(packs_of(model)) >= 2 * 2  # fc1 and fc2 of stage 1 and 2 (widths 32, 64) at least
+        assert len(packs_of(model)) >= (2 * 2 if path == 'onednn' else 0)  # fc1, fc2 of stages 1 and 2 at least
         set_speedups(model, False)
         plain = model(x)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
@@ -71,8 +93,8 @@ def test_a_pack_is_never_stale():
 
     def check():
         with torch.no_grad():
-            torch.testing.assert_close(speedups.packed_linear(layer, x), F.linear(x, layer.weight, layer.bias),
-                                       atol=1e-5, rtol=1e-6)
+            torch.testing.assert_close(products.linear_product(layer, x, path='onednn'),
+                                       F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-6)
 
     check()
     layer.load_state_dict(linear(24, 40).state_dict() | {'weight': torch.randn(40, 24)})  # copied in place
@@ -107,19 +129,20 @@ def test_only_plain_linears_without_hooks_are_packed():
     wrapped.weight = nn.Parameter(wrapped.weight.detach().as_subclass(Subclassed))
     quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear()), {nn.Linear}, dtype=torch.qint8)[0]
     with torch.no_grad():
-        assert speedups.packed_linear_applies(linear(), x)
+        assert products.linear_paths(linear(), x) == ('default', 'onednn')
         for layer in (hooked, Scaled(24, 40), wrapped, quantized):
-            assert not speedups.packed_linear_applies(layer, x)
+            assert products.linear_paths(layer, x) == ('default',)
         with torch.inference_mode():
             frozen = linear()  # an inference tensor has no version counter to tell a change
-        assert not speedups.packed_linear_applies(frozen, x)
-    assert speedups.packed_linear_applies(linear(), x) is False  # autograd on
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):  # bf16 products: as below
-        assert speedups.packed_linear_applies(linear(), x) == speedups._bf16_emulated()
-    with torch.no_grad():  # bf16: only where the host has no bf16 products (then fp32 products pay)
-        bf16 = speedups.packed_linear_applies(linear().to(torch.bfloat16), x.to(torch.bfloat16))
-        assert bf16 == speedups._bf16_emulated()
-        assert not speedups.packed_linear_applies(linear().to(torch.bfloat16), x)  # dtypes differ
+        assert products.linear_paths(frozen, x) == ('default',)
+    assert products.linear_paths(linear(), x) == ('default',)  # autograd on
+    bf16_path = 'fp32' if gates.bf16_emulated() else 'onednn'  # fp32 products of bf16 values where bf16 is emulated
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert products.linear_paths(linear(), x) == ('default', bf16_path)
+    with torch.no_grad():
+        assert products.linear_paths(linear().to(torch.bfloat16), x.to(torch.bfloat16)) == ('default', bf16_path)
+        assert products.linear_paths(linear().to(torch.bfloat16), x) == ('default',)  # dtypes differ
+        assert products.linear_paths(linear().double(), x.double()) == ('default',)
 
 
 def test_a_hooked_mlp_keeps_its_forward_and_is_not_packed():
@@ -132,7 +155,8 @@ def test_a_hooked_mlp_keeps_its_forward_and_is_not_packed():
     assert packs_of(block.mlp) == []  # the attention's own Linears may be packed
 
 
-def test_packs_are_bounded_and_released_with_the_model():
+def test_packs_are_bounded_and_released_with_the_model(force_path):
+    force_path('onednn')
     model = small_model()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -143,36 +167,39 @@ def test_packs_are_bounded_and_released_with_the_model():
             model(x)
     packed = packs_of(model)
     assert len(packed) == packed_layers
-    assert all(len(speedups._packed_weights[m]) == 1 for m in packed)  # one fp32 pack each
+    assert all(len(products._packed_weights[m]) == 1 for m in packed)  # one fp32 pack each
     set_speedups(model, False)  # the switch drops them
     assert packs_of(model) == []
     set_speedups(model, True)
     with torch.no_grad():
         model(x)
     assert len(packs_of(model)) == packed_layers >= 4
-    packed_tensors = [weakref.ref(p.weight) for m in packs_of(model) for p in speedups._packed_weights[m].values()]
+    packed_tensors = [weakref.ref(p.weight) for m in packs_of(model) for p in products._packed_weights[m].values()]
     del model, packed
     gc.collect()
     assert all(ref() is None for ref in packed_tensors)  # the packed memory went with the model
 
 
 @pytest.mark.parametrize('kernel, stride, size', [(32, 4, (37, 50)), (8, 4, (64, 64)), (4, 2, (9, 6)), (2, 2, (5, 7))])
-def test_packed_convolutions_equal_the_definitions(kernel, stride, size):
+def test_every_convolution_path_equals_the_definition(kernel, stride, size):
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 5, kernel, stride, padding=(kernel - stride) // 2)
     x = torch.randn(2, 6, *size)
     with torch.no_grad():
-        assert speedups.packed_conv_applies(conv, x)
+        paths = products.conv_paths(conv, x)
+        assert paths == ('default', 'onednn') + (('space_to_depth',) if kernel >= 2 * stride and 6 * stride ** 2 <= 64 else ())
         want = conv(x)
-        torch.testing.assert_close(speedups.packed_conv(conv, x), want, atol=1e-5, rtol=0)
         channels_last = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # as the merges between stages see it
-        torch.testing.assert_close(speedups.packed_conv(conv, channels_last), want, atol=1e-5, rtol=0)
+        for path in paths + (None,):
+            torch.testing.assert_close(products.conv_product(conv, x, path), want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(products.conv_product(conv, channels_last, path), want, atol=1e-5, rtol=0)
         conv.load_state_dict({'weight': -2 * conv.weight, 'bias': conv.bias})  # copied in place
-        torch.testing.assert_close(speedups.packed_conv(conv, x), conv(x), atol=2e-5, rtol=0)
+        torch.testing.assert_close(products.conv_product(conv, x, 'onednn'), conv(x), atol=2e-5, rtol=0)
     assert want.abs().max() > 1e-1
 
 
-def test_cross_embed_layers_pack_their_convolutions_at_inference_only():
+def test_cross_embed_layers_pack_their_convolutions_at_inference_only(force_path):
+    force_path('onednn')
     stem = CrossEmbedLayer(3, 32, (4, 8, 16, 32), stride=4).eval()
     merge = CrossEmbedLayer(32, 64, (2, 4), stride=2, norm_first=True).eval()
     image = torch.randn(2, 3, 45, 38)
@@ -189,15 +216,15 @@ def test_cross_embed_layers_pack_their_convolutions_at_inference_only():
     hooked = nn.Conv2d(3, 4, 4, 4)
     hooked.register_forward_hook(lambda *_: None)
     with torch.no_grad():
-        assert not speedups.packed_conv_applies(hooked, image)
-        assert not speedups.packed_conv_applies(nn.Conv2d(3, 4, 3, padding='same'), image)
-        assert not speedups.packed_conv_applies(nn.Conv2d(3, 4, 3, padding_mode='reflect'), image)
-        assert not speedups.packed_conv_applies(nn.Conv2d(3, 4, 3).double(), image.double())
+        assert products.conv_paths(hooked, image) == ('default',)
+        assert products.conv_paths(nn.Conv2d(3, 4, 3, padding='same'), image) == ('default',)
+        assert products.conv_paths(nn.Conv2d(3, 4, 3, padding_mode='reflect'), image) == ('default',)
+        assert products.conv_paths(nn.Conv2d(3, 4, 3).double(), image.double()) == ('default',)
 
 
 @pytest.mark.parametrize('autocast', [False, True], ids=['bf16-layer', 'bf16-autocast'])
 def test_emulated_bf16_products_round_as_bf16_products_do(autocast, monkeypatch):
-    monkeypatch.setattr(speedups, '_bf16_emulated', lambda: True)  # as on a host without bf16 products
+    emulate_bf16(monkeypatch)
     layer, conv = linear(), nn.Conv2d(3, 8, 8, 4, padding=2)
     x, residual, image = torch.randn(37, 24), torch.randn(37, 40), torch.randn(2, 3, 21, 18)
     if not autocast:
@@ -209,30 +236,32 @@ def test_emulated_bf16_products_round_as_bf16_products_do(autocast, monkeypatch)
     exact_conv = F.conv2d(image.bfloat16().double(), conv.weight.bfloat16().double(), conv.bias.bfloat16().double(),
                           stride=4, padding=2)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
-        assert speedups.packed_linear_applies(layer, x) and speedups.packed_conv_applies(conv, image)
-        product = speedups.packed_linear(layer, x)
+        assert products.linear_paths(layer, x) == ('default', 'fp32')
+        assert products.conv_paths(conv, image)[:2] == ('default', 'fp32')
+        product = products.linear_product(layer, x, path='fp32')
         assert product.dtype == layer(x).dtype == torch.bfloat16
         torch.testing.assert_close(product, exact.bfloat16(), atol=0, rtol=2 ** -8)  # one rounding: half an ulp
-        gelu = speedups.packed_linear(layer, x, gelu=True)
+        gelu = products.linear_product(layer, x, gelu=True, path='fp32')
         torch.testing.assert_close(gelu, F.gelu(exact).bfloat16(), atol=1e-6, rtol=2 ** -8)
-        added = speedups.packed_linear(layer, x, residual=residual)
+        added = products.linear_product(layer, x, residual=residual, path='fp32')
         assert added.dtype == (residual + layer(x)).dtype  # fp32 under autocast, bf16 for a bf16 layer
         torch.testing.assert_close(added, (residual.double() + exact.bfloat16().double()).to(added.dtype),
                                    atol=1e-6, rtol=2 ** -8)
-        out = speedups.packed_conv(conv, image)
+        out = products.conv_product(conv, image, 'fp32')
         assert out.dtype == conv(image).dtype == torch.bfloat16
         torch.testing.assert_close(out, exact_conv.bfloat16(), atol=1e-6, rtol=2 ** -8)
-        assert [p.weight.dtype for p in speedups._packed_weights[layer].values()] == [torch.float32]  # fp32 copies
+        assert [p.weight.dtype for p in products._packed_weights[layer].values()] == [torch.float32]  # fp32 copies
     if not autocast:
         fp32 = layer.float()  # in place: the bf16 pack is stale, dropped as the fp32 one is made
         with torch.no_grad():
-            speedups.packed_linear(fp32, x.float())
-        assert list(speedups._packed_weights[fp32]) == [torch.float32]
+            products.linear_product(fp32, x.float(), path='onednn')
+        assert list(products._packed_weights[fp32]) == [(torch.float32, 'onednn')]
 
 
 @pytest.mark.parametrize('autocast', [False, True], ids=['bf16-model', 'bf16-autocast'])
-def test_a_bf16_model_with_emulated_products_stays_as_close_to_fp32(autocast, monkeypatch):
-    monkeypatch.setattr(speedups, '_bf16_emulated', lambda: True)
+def test_a_bf16_model_with_emulated_products_stays_as_close_to_fp32(autocast, monkeypatch, force_path):
+    emulate_bf16(monkeypatch)
+    force_path('fp32')
     torch.manual_seed(0)
     model = small_model()
     x = torch.randn(2, 3, 64, 80)
@@ -241,7 +270,7 @@ def test_a_bf16_model_with_emulated_products_stays_as_close_to_fp32(autocast, mo
         run, x_run = (model, x) if autocast else (copy.deepcopy(model).bfloat16(), x.bfloat16())
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
             fast = run.forward_features(x_run).float()
-            assert torch.bfloat16 in speedups._packed_weights[run.layers[0].blocks[0].mlp.fc1]
+            assert (torch.bfloat16, 'fp32') in products._packed_weights[run.layers[0].blocks[0].mlp.fc1]
             set_speedups(run, False)
             definition = run.forward_features(x_run).float()
     assert not torch.equal(fast, definition)  # rounded less often
@@ -249,17 +278,8 @@ def test_a_bf16_model_with_emulated_products_stays_as_close_to_fp32(autocast, mo
     assert fast_error < 1.1 * definition_error < 0.02 * want.abs().mean()
 
 
-def test_the_avx2_rule_packs_wide_linears_on_few_tokens_only():
-    wide, narrow, stage1 = nn.Linear(384, 1536), nn.Linear(96, 384), nn.Linear(64, 256)
-    if speedups._avx512():
-        assert all(speedups._onednn_linear_pays(layer, t) for layer in (wide, narrow, stage1) for t in (49, 4096))
-    else:
-        assert speedups._onednn_linear_pays(wide, 196) and not speedups._onednn_linear_pays(wide, 784)
-        assert not speedups._onednn_linear_pays(narrow, 49) and not speedups._onednn_linear_pays(narrow, 4096)
-        assert speedups._onednn_linear_pays(stage1, 4096)
-
-
-def test_a_write_through_data_needs_the_switch_to_drop_packs_and_biases():
+def test_a_write_through_data_needs_the_switch_to_drop_packs_and_biases(force_path):
+    force_path('onednn')
     model, x = small_model(), torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         model(x)
@@ -277,20 +297,20 @@ def test_packs_are_safe_under_threads():
     layer, x = linear(8, 8), torch.randn(5, 8)
     errors = []
 
-    def work(dtype):
+    def work(dtype, path):
         try:
             for i in range(1500):
                 if i % 3 == 0:
                     with torch.no_grad():
                         layer.weight.add_(0.)  # a new version: every pack of the layer goes stale
-                speedups.packed_weight(layer, dtype)
+                products.packed_weight(layer, dtype, path)
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(repr(e))
 
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # threads switch often, as on a busy server
     try:
-        threads = [threading.Thread(target=work, args=(dtype,)) for dtype in (torch.float32, torch.bfloat16) * 2]
+        threads = [threading.Thread(target=work, args=args) for args in ((torch.float32, 'onednn'), (torch.bfloat16, 'fp32')) * 2]
         for t in threads:
             t.start()
         for t in threads:
@@ -299,4 +319,4 @@ def test_packs_are_safe_under_threads():
         sys.setswitchinterval(interval)
     assert errors == []
     with torch.no_grad():
-        torch.testing.assert_close(speedups.packed_linear(layer, x), layer(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(products.linear_product(layer, x, path='onednn'), layer(x), atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ from crossformer import set_speedups
 from crossformer.layers import (
     MASK_VALUE, CrossEmbedLayer, CrossFormerBlock, DynamicPosBias, GroupAttention, space_to_depth_conv)
 from crossformer.layers import speedups
+from crossformer.layers.speedups import gates, mixins, products
 
 CPU = torch.device('cpu')
 
@@ -24,7 +25,7 @@ def _pair(module, fn):
 
 def test_switch_turns_every_speedup_and_fused_attention_off():
     model = timm.create_model('crossformer_t', embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
-    switched = [m for m in model.modules() if isinstance(m, speedups._Speedup)]
+    switched = [m for m in model.modules() if isinstance(m, speedups.Speedup)]
     assert {type(m).__name__ for m in switched} == {'CrossEmbedLayer', 'DynamicPosBias', 'GroupAttention',
                                                     'CrossFormerBlock'}
     set_speedups(model, False)
@@ -94,7 +95,7 @@ def _saved_bytes(fn) -> int:
 
 @pytest.mark.parametrize('chunk_tokens', [3, 2048])  # 4 chunks of the 10 tokens, the last one short; 1 chunk
 def test_lean_mlp_same_gradients_without_keeping_the_gelu_output(chunk_tokens, monkeypatch):
-    monkeypatch.setattr(speedups, 'LEAN_MLP_CHUNK_TOKENS', chunk_tokens)
+    monkeypatch.setattr(mixins, 'LEAN_MLP_CHUNK_TOKENS', chunk_tokens)
     block = CrossFormerBlock(16, 2, group_size=3).train()
     x = torch.randn(2, 5, 16, requires_grad=True)
     results = {}
@@ -128,7 +129,7 @@ def test_lean_mlp_under_autocast_gives_grads_in_parameter_dtype():
 
 
 def test_chunked_mlp_inference_matches_plain(monkeypatch):
-    monkeypatch.setattr(speedups, 'MLP_CHUNK_TOKENS', 7)
+    monkeypatch.setattr(mixins, 'MLP_CHUNK_TOKENS', 7)
     block = CrossFormerBlock(16, 2, group_size=3, interval=2).eval()
     x = torch.randn(2, 9, 5, 16)  # 90 tokens: 13 chunks, the last one short
     with torch.no_grad():
@@ -140,8 +141,8 @@ def test_chunked_mlp_inference_matches_plain(monkeypatch):
 
 @pytest.mark.parametrize('emulated', [False, True], ids=['native-bf16', 'emulated-bf16'])
 def test_chunks_under_autocast_only_where_bf16_products_are_emulated(emulated, monkeypatch):
-    monkeypatch.setattr(speedups, 'MLP_CHUNK_TOKENS', 7)
-    monkeypatch.setattr(speedups, '_bf16_emulated', lambda: emulated)  # either kind of host
+    monkeypatch.setattr(mixins, 'MLP_CHUNK_TOKENS', 7)
+    monkeypatch.setattr(gates, 'bf16_emulated', lambda: emulated)  # either kind of host
     block = CrossFormerBlock(16, 2, group_size=3).eval()
     x = torch.randn(1, 9, 5, 16)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
@@ -153,7 +154,7 @@ def test_chunks_under_autocast_only_where_bf16_products_are_emulated(emulated, m
         assert not torch.equal(fast, plain)
     else:
         assert torch.equal(fast, plain)
-    monkeypatch.setattr(speedups, 'ATTENTION_CHUNK_TOKENS', 18)  # 2 groups of 9 tokens a chunk
+    monkeypatch.setattr(mixins, 'ATTENTION_CHUNK_TOKENS', 18)  # 2 groups of 9 tokens a chunk
     attention = GroupAttention(16, 2).eval()
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         for groups in (1, 5):  # one chunk; three chunks
@@ -161,7 +162,7 @@ def test_chunks_under_autocast_only_where_bf16_products_are_emulated(emulated, m
 
 
 def test_chunks_step_aside_with_grad_and_when_hooked(monkeypatch):
-    monkeypatch.setattr(speedups, 'MLP_CHUNK_TOKENS', 7)
+    monkeypatch.setattr(mixins, 'MLP_CHUNK_TOKENS', 7)
     block = CrossFormerBlock(16, 2, group_size=3).eval()
     x = torch.randn(1, 9, 5, 16)
     with torch.no_grad():
@@ -186,15 +187,15 @@ def test_space_to_depth_conv_matches_the_strided_conv(kernel, stride, size):
 
 def test_stem_takes_space_to_depth_for_large_kernels_only():
     stem = CrossEmbedLayer(3, 32, (4, 8, 16, 32), stride=4).eval()
-    assert [speedups._space_to_depth_pays(p) for p in stem.projs] == [False, True, True, True]
+    assert [products.space_to_depth_fits(p) for p in stem.projs] == [False, True, True, True]
     merge = CrossEmbedLayer(96, 192, (2, 4), stride=2, norm_first=True)
-    assert not any(speedups._space_to_depth_pays(p) for p in merge.projs)
+    assert not any(products.space_to_depth_fits(p) for p in merge.projs)
     x = torch.randn(2, 3, 45, 38)
     with torch.no_grad():
         fast, plain = _pair(stem, lambda: stem(x))
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
     stem.projs[2].register_forward_hook(lambda *_: None)  # a hooked conv is called as it is
-    assert [speedups._space_to_depth_pays(p) for p in stem.projs] == [False, True, False, True]
+    assert [products.space_to_depth_fits(p) for p in stem.projs] == [False, True, False, True]
 
 
 def test_stem_trains_through_space_to_depth_with_the_same_gradients():
@@ -212,7 +213,7 @@ def test_stem_trains_through_space_to_depth_with_the_same_gradients():
 
 @pytest.mark.parametrize('fused', [True, False])
 def test_chunked_attention_inference_matches_plain(fused, monkeypatch):
-    monkeypatch.setattr(speedups, 'ATTENTION_CHUNK_TOKENS', 27)  # 3 groups of 9 tokens: chunks end short in each image
+    monkeypatch.setattr(mixins, 'ATTENTION_CHUNK_TOKENS', 27)  # 3 groups of 9 tokens: chunks end short in each image
     attn = GroupAttention(32, 2).eval()
     groups = 7
     x = torch.randn(2 * groups, 9, 32)  # 2 images, 7 groups each

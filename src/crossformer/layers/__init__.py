@@ -8,7 +8,7 @@ from .block import CrossFormerBlock, Stage, has_cooling
 from .cross_embed import CrossEmbedLayer, split_dims
 from .grouping import MASK_VALUE, build_padding_mask, group_layout, group_tokens, ungroup_tokens
 from .pos_bias import DynamicPosBias, gather_bias, relative_offsets, relative_position_index
-from .speedups import capturing, gelu_linear, set_speedups, space_to_depth_conv
+from .speedups import capturing, gelu_linear, set_cache_limits, set_speedups, space_to_depth_conv
 
 __all__ = [
     'CrossEmbedLayer', 'split_dims',
@@ -16,5 +16,5 @@ __all__ = [
     'group_layout', 'group_tokens', 'ungroup_tokens', 'build_padding_mask', 'MASK_VALUE',
     'GroupAttention', 'dpb_hidden_dim', 'group_attention',
     'CrossFormerBlock', 'Stage', 'has_cooling',
-    'set_speedups', 'capturing', 'gelu_linear', 'space_to_depth_conv',
+    'set_speedups', 'set_cache_limits', 'capturing', 'gelu_linear', 'space_to_depth_conv',
 ]
