@@ -5,6 +5,7 @@
     python benchmarks/benchmark.py --device cuda --batch 128 --amp bf16 --compile
     python benchmarks/benchmark.py --sections deploy --batch 1    # vs onnxruntime, OpenVINO: needs .[bench]
     python benchmarks/benchmark.py --sections products --batch 1  # where packed oneDNN products pay
+    python benchmarks/benchmark.py --sections speedups --models crossformer_t crossformer_s --against 94ab3d2
     python benchmarks/benchmark.py --sections shapes --models crossformer_t crossformerpp_s
 
 Every timing is the median over ``--rounds`` interleaved rounds (each contender once per
@@ -39,6 +40,8 @@ import timm
 import torch
 
 from crossformer import set_speedups
+from crossformer.layers.speedups import tuned_choices
+from crossformer.layers.speedups.tuning import token_bucket
 from crossformer.info import count_gmacs
 from crossformer.models.crossformer import PAPER_RESULTS
 
@@ -376,9 +379,9 @@ PRODUCT_TOKENS = (49, 196, 784, 1536)  # stage 4 and 3 of one image; a chunk of 
 def section_products(args, device):
     """Where packing pays: each Linear shape of the model at several token counts, and each CEL
     convolution at ``--batch``, oneDNN with a packed weight over torch's default, interleaved."""
-    from crossformer.layers.speedups import _onednn_linear_pays
+    from crossformer.layers.speedups.products import linear_product
     print(f'\n## products: oneDNN with a packed weight / torch default, speed ratio (median of {args.rounds} '
-          f'interleaved rounds); * = the library packs it on this host')
+          f'interleaved rounds); * = the library\'s tuning chose oneDNN for it on this host')
     for name in args.models:
         model = timm.create_model(name).eval()
         linears = {(m.in_features, m.out_features): m for m in model.modules() if isinstance(m, torch.nn.Linear)
@@ -394,7 +397,10 @@ def section_products(args, device):
                     t = interleaved({'torch': lambda: torch.nn.functional.linear(x, layer.weight, layer.bias),
                                      'onednn': lambda: torch.ops.mkldnn._linear_pointwise(
                                          x, packed, layer.bias, 'none', [], '')}, args.rounds, device)
-                cells.append(f'{t["torch"] / t["onednn"]:.2f}{"*" if _onednn_linear_pays(layer, tokens) else ""}')
+                    linear_product(layer, x)  # tunes it, as a forward would
+                chosen = [p for k, p, _ in tuned_choices() if k[:3] == ('linear', i, o) and k[4] == 'none'
+                          and k[6] == token_bucket(tokens)]
+                cells.append(f'{t["torch"] / t["onednn"]:.2f}{"*" if chosen == ["onednn"] else ""}')
             print(f'| {i} -> {o} | ' + ' | '.join(cells) + ' |')
         convs, inputs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)], {}
         hooks = [m.register_forward_hook(lambda m, a, out, n=n: inputs.__setitem__(n, a[0])) for n, m in convs]
@@ -416,8 +422,67 @@ def section_products(args, device):
                   f'| {t["torch"] / t["onednn"]:.2f} |')
 
 
+# ---- speedups: on against off, and against an earlier commit, on this host -------------------------
+
+def _import_commit(commit: str, tmp: str):
+    """The ``crossformer`` package of ``commit``, imported as ``crossformer_old``."""
+    import importlib
+    import warnings
+    repo = subprocess.run(['git', 'rev-parse', '--show-toplevel'], check=True, capture_output=True, text=True).stdout.strip()
+    archive = subprocess.run(['git', '-C', repo, 'archive', commit, 'src/crossformer'], check=True,
+                             capture_output=True).stdout
+    subprocess.run(['tar', '-x', '-C', tmp], input=archive, check=True)
+    os.rename(os.path.join(tmp, 'src', 'crossformer'), os.path.join(tmp, 'crossformer_old'))
+    sys.path.insert(0, tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # it registers the same timm names
+        return importlib.import_module('crossformer_old.models.crossformer')
+
+
+def section_speedups(args, device):
+    """Speed-ups on (tuned on this host) against ``set_speedups(model, False)``, and against the
+    ``--against`` commit's eager model, in one process, call by call in turn; fp32, and bf16 where
+    the host has bf16 products."""
+    import tempfile
+    if device.type != 'cpu':
+        raise SystemExit('the speedups section measures CPU inference: use --device cpu')
+    dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+    print(f'\n## speedups: {torch.get_num_threads()} threads, torch capability {torch.backends.cpu.get_cpu_capability()}'
+          f'{", ONEDNN_MAX_CPU_ISA=" + os.environ["ONEDNN_MAX_CPU_ISA"] if "ONEDNN_MAX_CPU_ISA" in os.environ else ""}; '
+          f'ms per batch, median of {args.rounds} interleaved rounds'
+          f'{"" if len(dtypes) > 1 else " (no bf16 products on this host: fp32 only)"}')
+    with tempfile.TemporaryDirectory() as tmp:
+        old_module = _import_commit(args.against, tmp) if args.against else None
+        print(f'| model | dtype | batch | on ms | off ms | on / off speed | first call ms (tunes) |'
+              + (f' {args.against} ms | on / {args.against} speed |' if old_module else ''))
+        print('|---|---|---:|---:|---:|---:|---:|' + ('---:|---:|' if old_module else ''))
+        for name in args.models:
+            for dtype in dtypes:
+                on = timm.create_model(name).eval().to(dtype)
+                off = explicit(timm.create_model(name).eval().to(dtype))
+                off.load_state_dict(on.state_dict())
+                models = {'on': on, 'off': off}
+                if old_module:
+                    models['old'] = getattr(old_module, name)().eval().to(dtype)
+                    models['old'].load_state_dict(on.state_dict())
+                for batch in args.speedup_batches:
+                    x = torch.randn(batch, 3, args.size, args.size, dtype=dtype)
+                    with torch.no_grad():
+                        start = time.perf_counter()
+                        on(x)
+                        first = time.perf_counter() - start
+                        diff = max((m(x) - off(x)).abs().max().item() for m in models.values())
+                        t = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.rounds, device)
+                    row = (f'| {name} | {str(dtype)[6:]} | {batch} | {t["on"] * 1e3:.1f} | {t["off"] * 1e3:.1f} '
+                           f'| **{t["off"] / t["on"]:.2f}x** | {first * 1e3:.0f} |')
+                    if old_module:
+                        row += f' {t["old"] * 1e3:.1f} | {t["old"] / t["on"]:.2f}x |'
+                    print(row + f' <!-- max abs diff {diff:.1e} -->', flush=True)
+
+
 SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling,
-            'deploy': section_deploy, 'shapes': section_shapes, 'products': section_products}
+            'deploy': section_deploy, 'shapes': section_shapes, 'products': section_products,
+            'speedups': section_speedups}
 
 
 def main():
@@ -432,6 +497,9 @@ def main():
     parser.add_argument('--compile', action='store_true')
     parser.add_argument('--deploy', nargs='+', default=DEPLOY_CONTENDERS, choices=DEPLOY_CONTENDERS,
                         help='contenders of the deploy section (onnxruntime and openvino need .[bench])')
+    parser.add_argument('--speedup-batches', nargs='+', type=int, default=[1, 16],
+                        help='batch sizes of the speedups section (default: 1 16)')
+    parser.add_argument('--against', metavar='COMMIT', help='the speedups section also times this commit\'s eager model')
     parser.add_argument('--scaling-sizes', nargs='+', type=int, default=[224, 512, 768, 1024])
     parser.add_argument('--shapes', nargs='+', default=['64x960', '32x1280', '224x1792', '1280x48'],
                         help='HxW strips for the shapes section, each timed against the square of its pixel count')

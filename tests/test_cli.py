@@ -18,7 +18,7 @@ from tiny_data import CLASSES, TINY_MODEL, reference_layout, tiny_config, write_
 REFERENCE_PARAMS = dict(
     crossformer_t=27776794, crossformer_s=30657394, crossformer_b=51971554, crossformer_l=91971184,
     crossformerpp_s=23325340, crossformerpp_b=51994594, crossformerpp_l=92001904, crossformerpp_h=95962944)
-COMMANDS = ('train', 'validate', 'info', 'convert', 'predict', 'viz')
+COMMANDS = ('train', 'validate', 'info', 'convert', 'predict', 'viz', 'tune')
 LAST = 'snapshots/step-00000012'  # the tiny run's last snapshot: 2 epochs of 6 updates
 
 
@@ -181,10 +181,28 @@ def test_user_mistakes_are_one_line_errors(data_dir, capsys, tmp_path):
         (('train', 'model=crossformer_x', 'epochs=1'), "unknown model 'crossformer_x'"),
         (('validate', '--checkpoint', tmp_path / 'none.safetensors'), 'no checkpoint file'),
         (('predict', tmp_path / 'none.png', '--checkpoint', tmp_path / 'c.safetensors'), 'no checkpoint file'),
+        (('tune', 'crossformer_q'), "unknown model 'crossformer_q'"),
+        (('tune', 'crossformer_t', '--sizes', '224x'), 'takes N or HxW'),
+        (('tune', 'crossformer_t', '--dtype', 'float16'), 'float16 is not one of'),
     ]
     for argv, message in cases:
         code, _, err = run(capsys, *argv)
         assert code == 2 and message in err and err.count('\n') == 1, (argv, err)
+
+
+def test_tune_times_the_products_and_keeps_them_for_this_host(capsys, tmp_path, monkeypatch):
+    from crossformer.layers.speedups import clear_tuning, tuning_file
+    monkeypatch.setenv('CROSSFORMER_TUNING_CACHE', str(tmp_path))
+    clear_tuning()
+    try:
+        code, out, _ = run(capsys, 'tune', 'crossformer_t', '--sizes', '32', '40x24')
+        assert code == 0 and tuning_file().is_file() and f'kept in {tuning_file()}' in out
+        runs = re.findall(r'^\| float32 \| 1 \| (\d+x\d+) \| [\d.]+ \| [\d.]+ \| (\d+) \|$', out, re.M)
+        assert [size for size, _ in runs] == ['32x32', '40x24'] and int(runs[0][1]) > 0
+        assert re.search(r'^\| Linear 64->192, float32, <=\d+ tokens, \d threads \| (default|onednn) \| default [\d.]+, '
+                         r'onednn [\d.]+ \|$', out, re.M)
+    finally:
+        clear_tuning()
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""The ``crossformer`` command: train, validate, info, convert, predict, viz.
+"""The ``crossformer`` command: train, validate, info, convert, predict, viz, tune.
 
 Each subcommand parses its arguments and calls one function of the library. The library's own
 errors (:class:`~crossformer.errors.CrossFormerError`: missing files, unknown models or config
@@ -24,6 +24,7 @@ from .errors import ConfigError, CrossFormerError, MissingFileError
 from .info import format_table, measure, variant_names
 from .models import check_variant
 from .predict import load_trained, predict
+from .tune import format_choices, tune
 from .train import load_config, parse_overrides, resume_config, train, validate
 from .train.engine import default_device
 from .viz import explain, plot_groups
@@ -108,6 +109,19 @@ def cmd_info(args) -> int:
     print(format_table(rows))
     print(f'\nGMACs: torch.utils.flop_counter at {size[0]}x{size[1]}, batch 1. '
           f'Paper figures: ImageNet-1k at 224x224.')
+    return 0
+
+
+def _hw(text: str) -> tuple:
+    h, sep, w = text.partition('x')
+    if not (h.isdigit() and (w.isdigit() or not sep)):
+        raise ConfigError(f'--sizes takes N or HxW, got {text!r}')
+    return int(h), int(w or h)
+
+
+def cmd_tune(args) -> int:
+    rows = tune(args.model, [_hw(s) for s in args.sizes], args.batch, args.dtype)
+    print(format_choices(rows))
     return 0
 
 
@@ -228,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--interval', type=int, default=2, metavar='I', help='with --map-size (default: %(default)s)')
     p.add_argument('--output', default='viz', metavar='DIR', help='default: %(default)s')
     p.set_defaults(func=cmd_viz)
+
+    p = sub.add_parser('tune', help='time every product path of a model on this host now, for a deployment',
+                       formatter_class=fmt,
+                       description='Run a model at the sizes and batches a deployment serves, so each Linear and '
+                                   'convolution takes the path timed fastest on this host from the first request on; '
+                                   'the choices are kept per host in $XDG_CACHE_HOME/crossformer '
+                                   '(CROSSFORMER_TUNING_CACHE moves it).',
+                       epilog='examples:\n  crossformer tune crossformer_s\n'
+                              '  crossformer tune crossformer_s --sizes 224 384x640 --batch 1 16 --dtype float32 bfloat16')
+    p.add_argument('model', metavar='MODEL')
+    p.add_argument('--sizes', nargs='+', default=['224'], metavar='N|HxW', help='input sizes (default: 224)')
+    p.add_argument('--batch', nargs='+', type=int, default=[1], metavar='N', help='batch sizes (default: 1)')
+    p.add_argument('--dtype', nargs='+', default=['float32'], metavar='DTYPE', help='float32, bfloat16 (default: float32)')
+    p.set_defaults(func=cmd_tune)
     return parser
 
 
