@@ -84,6 +84,12 @@ def _reaches(graph, start):
                                             'crossformer.readers.torch_file')),
     ('crossformer.predict', ('crossformer.train', 'crossformer.cli')),
     ('crossformer.detection', ('crossformer.train', 'crossformer.cli')),
+    # inside the speed-ups, from the bottom: gates, caches, tuning, products, mixins, switch
+    ('crossformer.layers.speedups.gates', ('crossformer.layers.speedups.caches', 'crossformer.layers.speedups.tuning',
+                                           'crossformer.layers.speedups.products', 'crossformer.layers.speedups.mixins')),
+    ('crossformer.layers.speedups.tuning', ('crossformer.layers.speedups.products', 'crossformer.layers.speedups.mixins',
+                                            'crossformer.layers.speedups.caches', 'crossformer.layers.speedups.gates')),
+    ('crossformer.layers.speedups.products', ('crossformer.layers.speedups.mixins', 'crossformer.layers.speedups.switch')),
 ])
 def test_arrows_point_down(lower, never):
     graph = _graph()
@@ -100,3 +106,10 @@ def test_function_level_imports_only_for_optional_extras():
             if not top and targets[0].split('.')[0] not in OPTIONAL:
                 hidden.append(f'{name}:{node.lineno} {targets[0]}')
     assert not hidden, hidden
+
+
+def test_speedup_modules_stay_small():
+    """One room per concern: no module of the speed-ups package over 520 lines."""
+    sizes = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()
+             if name.startswith('crossformer.layers.speedups')}
+    assert len(sizes) >= 6 and max(sizes.values()) <= 520, sizes
