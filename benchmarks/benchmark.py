@@ -444,6 +444,7 @@ def section_speedups(args, device):
     ``--against`` commit's eager model, in one process, call by call in turn; fp32, and bf16 where
     the host has bf16 products."""
     import tempfile
+    import crossformer.models.crossformer as variants
     if device.type != 'cpu':
         raise SystemExit('the speedups section measures CPU inference: use --device cpu')
     dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
@@ -458,8 +459,8 @@ def section_speedups(args, device):
         print('|---|---|---:|---:|---:|---:|---:|' + ('---:|---:|' if old_module else ''))
         for name in args.models:
             for dtype in dtypes:
-                on = timm.create_model(name).eval().to(dtype)
-                off = explicit(timm.create_model(name).eval().to(dtype))
+                on = getattr(variants, name)().eval().to(dtype)  # not timm.create_model: the old commit took the names
+                off = explicit(getattr(variants, name)().eval().to(dtype))
                 off.load_state_dict(on.state_dict())
                 models = {'on': on, 'off': off}
                 if old_module:

@@ -92,7 +92,7 @@ def _linear(layer: nn.Linear, x: torch.Tensor, gelu: bool, residual: Optional[to
         out = F.gelu(out) if gelu else out
         return out if residual is None else residual + out
     dtype = product_dtype(layer, x)
-    weight = packed_weight(layer, dtype, path)
+    weight = packed_weight(layer, dtype, path, x)
     flat = x.reshape(-1, x.shape[-1])
     if path == 'fp32':  # MKL in fp32 on bf16 values, rounded once
         bias = None if layer.bias is None else layer.bias.to(dtype).float()
@@ -189,7 +189,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, path: str) -> torch.Tensor:
     compute = torch.float32 if path == 'fp32' else dtype
     bias = None if conv.bias is None else conv.bias.to(dtype).to(compute)
     return torch.ops.mkldnn._convolution_pointwise(
-        x.to(dtype).to(compute), packed_weight(conv, dtype, path), bias, conv.padding, conv.stride, conv.dilation,
+        x.to(dtype).to(compute), packed_weight(conv, dtype, path, x), bias, conv.padding, conv.stride, conv.dilation,
         conv.groups, 'none', [], '').to(dtype)
 
 
@@ -219,10 +219,13 @@ def drop_packs(module: nn.Module) -> None:
 
 
 @torch.jit.unused
-def packed_weight(layer: nn.Module, dtype: torch.dtype = torch.float32, path: str = 'onednn') -> torch.Tensor:
+def packed_weight(layer: nn.Module, dtype: torch.dtype = torch.float32, path: str = 'onednn',
+                  example: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``layer.weight`` (an ``nn.Linear`` or ``nn.Conv2d``) as ``path`` wants it for a product in
     ``dtype``, cached until the weight changes: ``'onednn'``, in ``dtype`` in oneDNN's blocked
-    layout; ``'fp32'``, the bf16-rounded values in fp32 (a Linear's plain, for MKL).
+    layout; ``'fp32'``, the bf16-rounded values in fp32 (a Linear's plain, for MKL). oneDNN picks
+    the layout for the shape of ``example``, an input (without one, some convolutions get a layout
+    that runs them an order of magnitude slower); the pack then serves inputs of any shape.
 
     The cache checks the weight's storage itself (a weak reference, so ``.to()`` or a swapped
     ``.data`` never matches an old pack, even at a reused address) and its version counter
@@ -241,9 +244,11 @@ def packed_weight(layer: nn.Module, dtype: torch.dtype = torch.float32, path: st
             values = values.float() if path == 'fp32' else values
             if isinstance(layer, nn.Conv2d):
                 packed = torch.ops.mkldnn._reorder_convolution_weight(
-                    values, layer.padding, layer.stride, layer.dilation, layer.groups, None)
+                    values, layer.padding, layer.stride, layer.dilation, layer.groups,
+                    None if example is None else list(example.shape))
             else:
-                packed = values if path == 'fp32' else torch.ops.mkldnn._reorder_linear_weight(values, None)
+                tokens = None if example is None else example.numel() // max(1, example.shape[-1])
+                packed = values if path == 'fp32' else torch.ops.mkldnn._reorder_linear_weight(values, tokens)
             pack = fresh[dtype, path] = _Pack(weakref.ref(storage), _weight_layout(weight), packed)
             _packed_weights[layer] = fresh  # packs of an earlier weight (``.to()``, ``load_state_dict``) go
     return pack.weight

@@ -220,7 +220,7 @@ def _time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tup
 
     A path clearly behind stops early: after its untimed call when that took over
     :data:`HOPELESS_FIRST` times the default's, after a timed round when over :data:`HOPELESS` times
-    the best so far; its median is then over fewer calls.
+    the best so far; its median is then over fewer calls. Timing ends when one path is left.
     """
     outputs, first = {}, {}
     for path in paths:
@@ -228,21 +228,17 @@ def _time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tup
         outputs[path] = run(path)
         first[path] = time.perf_counter() - start
     alive = [p for p in paths if p == 'default' or first[p] < HOPELESS_FIRST * first['default']]
-    seconds: Dict[str, List[float]] = {path: [first[path]] for path in paths if path not in alive}
-    seconds.update({path: [] for path in alive})
-    if alive == ['default']:
-        seconds['default'] = [first['default']]
-        return {path: statistics.median(s) for path, s in seconds.items()}, outputs
+    timed: Dict[str, List[float]] = {path: [] for path in paths}
     for _ in range(TUNING_ROUNDS):
+        if len(alive) == 1:
+            break
         for path in alive:
             start = time.perf_counter()
             outputs[path] = run(path)
-            seconds[path].append(time.perf_counter() - start)
-        best = min(statistics.median(seconds[p]) for p in alive)
-        alive = [p for p in alive if p == 'default' or statistics.median(seconds[p]) < HOPELESS * best]
-        if alive == ['default']:
-            break
-    return {path: statistics.median(s) for path, s in seconds.items()}, outputs
+            timed[path].append(time.perf_counter() - start)
+        best = min(statistics.median(timed[p]) for p in alive)
+        alive = [p for p in alive if statistics.median(timed[p]) < HOPELESS * best]
+    return {p: statistics.median(timed[p]) if timed[p] else first[p] for p in paths}, outputs
 
 
 def choose(key: Key, paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tuple[str, Optional[torch.Tensor]]:
