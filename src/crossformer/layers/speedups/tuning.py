@@ -2,8 +2,8 @@
 
 The first time a product meets a new key (its kind and shape, product dtype, a bucket of its
 token count, the thread count), every candidate path runs on the real input, interleaved, and the
-fastest by median is kept; a path other than torch's own (``'default'``) is kept only when it wins
-by :data:`TUNING_MARGIN`. Prior art: ``torch.backends.cudnn.benchmark``, FFTW's wisdom.
+fastest is kept; a path other than torch's own (``'default'``) is kept only when it wins by
+:data:`TUNING_MARGIN`. Prior art: ``torch.backends.cudnn.benchmark``, FFTW's wisdom.
 
 Choices are held per process (safe under threads) and kept on disk per host in
 ``$XDG_CACHE_HOME/crossformer/tuning-<host>.json`` (``~/.cache`` without ``XDG_CACHE_HOME``), the
@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import tempfile
 import threading
 import time
@@ -39,7 +38,7 @@ __all__ = ['choose', 'tuning_enabled', 'tuned_choices', 'clear_tuning', 'tuning_
            'token_bucket', 'PATHS', 'TUNING_MARGIN', 'TUNING_ROUNDS']
 
 PATHS = ('default', 'onednn', 'fp32', 'space_to_depth')  # every path a product may take; 'default' is torch's
-TUNING_MARGIN = 1.05  # a path other than torch's own must be this much faster, by median
+TUNING_MARGIN = 1.05  # a path other than torch's own must be this much faster
 TUNING_ROUNDS = 3  # interleaved timed calls of each candidate, after one untimed call
 HOPELESS_FIRST = 8.  # a path whose untimed call took this many times the default's is not timed
 HOPELESS = 1.5  # a path this many times slower than the best after a timed round is timed no more
@@ -215,12 +214,15 @@ _choices = _Choices()
 
 
 def _time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
-    """Median seconds of ``run(path)`` for each path over up to :data:`TUNING_ROUNDS` interleaved calls
-    after an untimed one (which packs a weight), and each path's last output.
+    """The fewest seconds ``run(path)`` took for each path over up to :data:`TUNING_ROUNDS` interleaved
+    calls after an untimed one (which packs a weight), and each path's last output.
+
+    The minimum, not the median: a product computes the same each time, so whatever else the host
+    runs can only add to its time, and a busy neighbour inflates a few calls, rarely all of them.
 
     A path clearly behind stops early: after its untimed call when that took over
     :data:`HOPELESS_FIRST` times the default's, after a timed round when over :data:`HOPELESS` times
-    the best so far; its median is then over fewer calls. Timing ends when one path is left.
+    the best so far. Timing ends when one path is left.
     """
     outputs, first = {}, {}
     for path in paths:
@@ -236,9 +238,9 @@ def _time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tup
             start = time.perf_counter()
             outputs[path] = run(path)
             timed[path].append(time.perf_counter() - start)
-        best = min(statistics.median(timed[p]) for p in alive)
-        alive = [p for p in alive if statistics.median(timed[p]) < HOPELESS * best]
-    return {p: statistics.median(timed[p]) if timed[p] else first[p] for p in paths}, outputs
+        best = min(min(timed[p]) for p in alive)
+        alive = [p for p in alive if min(timed[p]) < HOPELESS * best]
+    return {p: min(timed[p]) if timed[p] else first[p] for p in paths}, outputs
 
 
 def choose(key: Key, paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tuple[str, Optional[torch.Tensor]]:
@@ -260,7 +262,7 @@ def choose(key: Key, paths: Sequence[str], run: Callable[[str], torch.Tensor]) -
 
 
 def tuned_choices() -> List[Tuple[Key, str, Dict[str, float]]]:
-    """Every choice of this process: ``(key, path, median seconds per candidate)`` (no timings for
+    """Every choice of this process: ``(key, path, fewest seconds per candidate)`` (no timings for
     choices read from the host's file)."""
     return _choices.items()
 
