@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-__all__ = ['Speedup', 'capturing', 'has_hooks', 'plain', 'plain_tensor', 'cpu_inference', 'bf16_emulated',
+__all__ = ['Speedup', 'capturing', 'has_hooks', 'submodules', 'plain', 'plain_tensor', 'cpu_inference', 'bf16_emulated',
            'emulated_autocast', 'product_dtype']
 
 
@@ -23,16 +23,29 @@ def capturing() -> bool:
     return _capturing_in_python()
 
 
+def submodules(module: nn.Module) -> list:
+    """``module`` and every module inside it: ``list(module.modules())`` without its bookkeeping (it
+    runs on every call, where ``modules()`` costs several times more)."""
+    found, pending = [], [module]
+    while pending:
+        m = pending.pop()
+        if m is not None:
+            found.append(m)
+            pending.extend(m._modules.values())
+    return found
+
+
 def has_hooks(module: nn.Module) -> bool:
     """``module`` or one inside it has forward hooks (or a global forward hook is set)."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return True
-    pending = [module]  # a plain walk: it runs on every call, where ``modules()`` costs several times more
+    pending = [module]
     while pending:
         m = pending.pop()
-        if m._forward_hooks or m._forward_pre_hooks:
-            return True
-        pending.extend(child for child in m._modules.values() if child is not None)
+        if m is not None:
+            if m._forward_hooks or m._forward_pre_hooks:
+                return True
+            pending.extend(m._modules.values())
     return False
 
 

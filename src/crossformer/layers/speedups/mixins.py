@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .caches import dpb_cache
-from .gates import Speedup, cpu_inference, has_hooks, plain
-from .products import conv_paths, conv_product, linear_paths, linear_product, space_to_depth_conv, space_to_depth_fits
+from .gates import Speedup, cpu_inference, has_hooks, plain, submodules
+from .products import conv_paths, conv_product, linear_product, space_to_depth_conv, space_to_depth_fits
 
 __all__ = ['AttentionSpeedups', 'BlockSpeedups', 'CrossEmbedSpeedups', 'PosBiasSpeedups', 'gelu_linear',
            'ATTENTION_CHUNK_TOKENS', 'HUGE_GROUP_BYTES', 'QUERY_BLOCK_BYTES', 'MLP_CHUNK_TOKENS',
@@ -192,9 +192,8 @@ class BlockSpeedups(Speedup):
 
     @torch.jit.unused
     def speedup_applies(self, x: torch.Tensor) -> bool:
-        if cpu_inference(self, x):
-            return x.numel() > MLP_CHUNK_TOKENS * x.shape[-1] or (
-                self._plain_mlp() and len(linear_paths(self.mlp.fc1, x)) + len(linear_paths(self.mlp.fc2, x)) > 2)
+        if cpu_inference(self, x):  # a plain MLP: its products take their tuned paths
+            return x.numel() > MLP_CHUNK_TOKENS * x.shape[-1] or self._plain_mlp()
         return self._lean_applies()
 
     @torch.jit.unused
@@ -250,14 +249,18 @@ class PosBiasSpeedups(Speedup):
 
     @torch.jit.unused
     def speedup_applies(self) -> bool:
-        return (self._eager() and not torch.is_grad_enabled() and not has_hooks(self)
-                and all(type(m) in _DPB_PLAIN_TYPES for m in list(self.modules())[1:])
-                and not any(p.is_inference() for p in self.parameters()))  # no version counter to key on
+        if not (self._eager() and not torch.is_grad_enabled() and not has_hooks(self)):
+            return False
+        modules = submodules(self)
+        return (all(type(m) in _DPB_PLAIN_TYPES for m in modules[1:])
+                and not any(p.is_inference() for m in modules for p in m._parameters.values() if p is not None))
+        # (an inference tensor has no version counter to key on)
 
     @torch.jit.unused
     def _cached(self, kind: str, group_h: int, group_w: int, dtype: torch.dtype, device: torch.device, compute):
         owner = weakref.ref(self)
-        state = (dtype, device, tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        state = (dtype, device, tuple((p.data_ptr(), p._version) for m in submodules(self)
+                                      for p in m._parameters.values() if p is not None))
         key = (owner, kind, group_h, group_w) + state
         value = dpb_cache.get(key)
         if value is None:

@@ -13,6 +13,7 @@ Every path computes the layer's product (tests hold them within 1e-5 of the defi
 """
 import threading
 import weakref
+from functools import lru_cache
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -37,13 +38,19 @@ def packable(layer: nn.Module, cls: type, x: torch.Tensor) -> bool:
     Not for weights made under ``torch.inference_mode()``: they have no version counter, so a
     change to them could not be seen by a pack.
     """
-    if not (x.device.type == 'cpu' and not torch.is_grad_enabled() and plain(layer, cls)
-            and plain_tensor(layer.weight) and (layer.bias is None or plain_tensor(layer.bias))):
+    if not (type(layer) is cls and x.device.type == 'cpu' and not torch.is_grad_enabled() and plain(layer, cls)):
         return False
-    return (product_dtype(layer, x) in _DTYPE_NAMES and x.dtype in _DTYPE_NAMES and layer.weight.dtype in _DTYPE_NAMES
-            and layer.weight.layout == torch.strided
-            and not layer.weight.is_inference()  # no version counter: a change could not be seen
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+    weight, bias = layer.weight, layer.bias
+    return (plain_tensor(weight) and (bias is None or plain_tensor(bias))
+            and x.dtype in _DTYPE_NAMES and weight.dtype in _DTYPE_NAMES and product_dtype(layer, x) in _DTYPE_NAMES
+            and weight.layout == torch.strided
+            and not weight.is_inference()  # no version counter: a change could not be seen
+            and _onednn_available() and torch._C._get_mkldnn_enabled())
+
+
+@lru_cache(maxsize=None)
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
 
 
 def _packed_paths(dtype: torch.dtype) -> Tuple[str, ...]:
