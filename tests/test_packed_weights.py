@@ -15,7 +15,7 @@ from torch import nn
 
 from crossformer import set_speedups
 from crossformer.layers import CrossEmbedLayer, CrossFormerBlock, speedups
-from crossformer.layers.speedups import gates, products
+from crossformer.layers.speedups import gates, products, tuning
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='torch built without oneDNN')
 
@@ -136,13 +136,29 @@ def test_only_plain_linears_without_hooks_are_packed():
             frozen = linear()  # an inference tensor has no version counter to tell a change
         assert products.linear_paths(frozen, x) == ('default',)
     assert products.linear_paths(linear(), x) == ('default',)  # autograd on
-    bf16_path = 'fp32' if gates.bf16_emulated() else 'onednn'  # fp32 products of bf16 values where bf16 is emulated
+    # a bf16 product: also as an fp32 product of the bf16 values; through oneDNN where it has bf16 products
+    bf16_paths = ('default', 'fp32') if gates.bf16_emulated() else ('default', 'onednn', 'fp32')
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        assert products.linear_paths(linear(), x) == ('default', bf16_path)
+        assert products.linear_paths(linear(), x) == bf16_paths
     with torch.no_grad():
-        assert products.linear_paths(linear().to(torch.bfloat16), x.to(torch.bfloat16)) == ('default', bf16_path)
+        assert products.linear_paths(linear().to(torch.bfloat16), x.to(torch.bfloat16)) == bf16_paths
         assert products.linear_paths(linear().to(torch.bfloat16), x) == ('default',)  # dtypes differ
         assert products.linear_paths(linear().double(), x.double()) == ('default',)
+
+
+@pytest.mark.parametrize('slower', ['onednn', 'default'])
+def test_only_the_chosen_path_keeps_its_pack(slower, monkeypatch):
+    monkeypatch.setattr(tuning, '_time_paths', lambda paths, run: (
+        {p: 2.0 if p == slower else 1.0 for p in paths}, {p: run(p) for p in paths}))
+    tuning.clear_tuning()
+    layer, conv = linear(), nn.Conv2d(6, 5, 4, 2, padding=1)
+    x, image = torch.randn(37, 24), torch.randn(2, 6, 9, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(products.linear_product(layer, x), layer(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(products.conv_product(conv, image), conv(image), atol=1e-5, rtol=0)
+    kept = [] if slower == 'onednn' else [(torch.float32, 'onednn')]  # every path was packed while timed
+    assert [list(products._packed_weights.get(m, {})) for m in (layer, conv)] == [kept, kept]
+    tuning.clear_tuning()
 
 
 def test_a_hooked_mlp_keeps_its_forward_and_is_not_packed():

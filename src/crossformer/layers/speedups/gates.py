@@ -7,7 +7,7 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 __all__ = ['Speedup', 'capturing', 'has_hooks', 'submodules', 'plain', 'plain_tensor', 'cpu_inference', 'bf16_emulated',
-           'emulated_autocast', 'product_dtype']
+           'product_dtype']
 
 
 @torch.jit.unused
@@ -76,22 +76,17 @@ def bf16_emulated() -> bool:
     return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def emulated_autocast() -> bool:
-    """bf16 autocast on the CPU of a host without bf16 products."""
-    return torch.get_autocast_dtype('cpu') == torch.bfloat16 and bf16_emulated()
-
-
 @torch.jit.unused
 def cpu_inference(layer: nn.Module, x: torch.Tensor) -> bool:
     """Where token chunks and the tuned inference products apply: CPU inference (eval, no grad; no
-    autocast, but for bf16 autocast on a host without bf16 products, where fp32 products of the
-    bf16 values pay), no hooks inside.
+    autocast, or bf16 autocast), no hooks inside.
 
     Chunks keep a layer's wide intermediates in cache; a GPU wants whole tensors instead, and
     autograd would keep every chunk's intermediates anyway. Hooks see whole tensors.
     """
     return (layer._eager() and not layer.training and not torch.is_grad_enabled() and x.device.type == 'cpu'
-            and (not torch.is_autocast_enabled('cpu') or emulated_autocast()) and not has_hooks(layer))
+            and (not torch.is_autocast_enabled('cpu') or torch.get_autocast_dtype('cpu') == torch.bfloat16)
+            and not has_hooks(layer))
 
 
 def product_dtype(layer: nn.Module, x: torch.Tensor) -> Optional[torch.dtype]:

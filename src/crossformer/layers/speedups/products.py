@@ -54,8 +54,11 @@ def _onednn_available() -> bool:
 
 
 def _packed_paths(dtype: torch.dtype) -> Tuple[str, ...]:
-    """The paths beside torch's own for a product in ``dtype`` on this host."""
-    return ('fp32',) if dtype == torch.bfloat16 and bf16_emulated() else ('onednn',)
+    """The paths beside torch's own for a product in ``dtype`` on this host: a bf16 product may also
+    run as an fp32 one of the bf16 values (the only one beside torch's where oneDNN has no bf16)."""
+    if dtype == torch.float32:
+        return ('onednn',)
+    return ('fp32',) if bf16_emulated() else ('onednn', 'fp32')
 
 
 # ---- Linear ------------------------------------------------------------------------------------
@@ -86,7 +89,8 @@ def linear_product(layer: nn.Linear, x: torch.Tensor, gelu: bool = False,
                'gelu' if gelu else 'add' if residual is not None else 'none', _DTYPE_NAMES[dtype],
                token_bucket(x.numel() // max(1, x.shape[-1])), torch.get_num_threads())
         path, out = choose(key, paths, lambda p: _linear(layer, x, gelu, residual, p))
-        if out is not None:
+        if out is not None:  # timed just now: the packs of the paths not taken go
+            _drop_packs_but(layer, dtype, path)
             return out
     elif path not in paths:
         raise ValueError(f'path {path!r} is not one of {paths} for this product')
@@ -176,11 +180,12 @@ def conv_product(conv: nn.Conv2d, x: torch.Tensor, path: Optional[str] = None) -
         if len(paths) == 1:
             return conv(x)
         B, C, H, W = x.shape
+        dtype = product_dtype(conv, x)
         key = ('conv', C, conv.out_channels, *conv.kernel_size, *conv.stride, *conv.padding, conv.groups,
-               int(conv.bias is not None), _DTYPE_NAMES[product_dtype(conv, x)], token_bucket(B * H * W),
-               torch.get_num_threads())
+               int(conv.bias is not None), _DTYPE_NAMES[dtype], token_bucket(B * H * W), torch.get_num_threads())
         path, out = choose(key, paths, lambda p: _conv(conv, x, p))
         if out is not None:
+            _drop_packs_but(conv, dtype, path)
             return out
     elif path not in paths:
         raise ValueError(f'path {path!r} is not one of {paths} for this convolution')
@@ -223,6 +228,15 @@ def drop_packs(module: nn.Module) -> None:
     """Forget ``module``'s packed weights."""
     with _packs_lock:
         _packed_weights.pop(module, None)
+
+
+def _drop_packs_but(layer: nn.Module, dtype: torch.dtype, path: str) -> None:
+    """Forget ``layer``'s packs for ``dtype`` of every path but ``path``."""
+    with _packs_lock:
+        packs = _packed_weights.get(layer)
+        if packs:
+            for key in [k for k in packs if k[0] == dtype and k[1] != path]:
+                del packs[key]
 
 
 @torch.jit.unused
