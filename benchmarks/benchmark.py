@@ -249,8 +249,8 @@ def section_gmacs(args, device):
 
 # ---- deploy: our eager and compiled paths next to onnxruntime and OpenVINO on our ONNX export --
 
-DEPLOY_CONTENDERS = ['eager', 'bf16', 'autocast-bf16', 'compile', 'compile-freezing', 'compile-bf16', 'onnxruntime',
-                     'openvino', 'openvino-bf16']
+DEPLOY_CONTENDERS = ['eager', 'bf16', 'autocast-bf16', 'compile', 'compile-freezing', 'compile-bf16',
+                     'compile-freezing-bf16', 'onnxruntime', 'openvino', 'openvino-bf16']
 
 
 def best_matmul_flops(dtype: torch.dtype, device: torch.device = torch.device('cpu'), n: int = 1024,
@@ -283,7 +283,7 @@ def deploy_runners(name: str, x: torch.Tensor, contenders: List[str], onnx_path:
     runners: Dict[str, Callable] = {}
     if 'eager' in contenders:
         runners['eager'] = lambda: model(x)
-    if 'bf16' in contenders or 'compile-bf16' in contenders:
+    if {'bf16', 'compile-bf16', 'compile-freezing-bf16'} & set(contenders):
         model_bf16 = timm.create_model(name).eval().to(torch.bfloat16)
         model_bf16.load_state_dict(model.state_dict())
         x_bf16 = x.to(torch.bfloat16)
@@ -303,6 +303,9 @@ def deploy_runners(name: str, x: torch.Tensor, contenders: List[str], onnx_path:
     if 'compile-bf16' in contenders:
         compiled_bf16 = torch.compile(model_bf16)
         runners['compile-bf16'] = lambda: compiled_bf16(x_bf16).float()
+    if 'compile-freezing-bf16' in contenders:
+        compiled_frozen_bf16 = torch.compile(model_bf16, options={'freezing': True})
+        runners['compile-freezing-bf16'] = lambda: compiled_frozen_bf16(x_bf16).float()
     missing = [c for c in contenders if c.startswith(('onnxruntime', 'openvino'))
                and importlib.util.find_spec(c.split('-')[0]) is None]
     if missing:
@@ -353,22 +356,26 @@ def section_deploy(args, device):
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             runners = deploy_runners(name, x, args.deploy, os.path.join(tmp, f'{name}.onnx'))
+        first, outputs = {}, {}
         with torch.inference_mode():
-            reference = runners['eager']() if 'eager' in runners else None
-            diffs = {k: (fn() - reference).abs().max().item() if reference is not None else float('nan')
-                     for k, fn in runners.items()}
+            for k, fn in runners.items():  # the first call of each: compiles, or tunes the eager paths
+                start = time.perf_counter()
+                outputs[k] = fn()
+                first[k] = time.perf_counter() - start
+            diffs = {k: (out - outputs['eager']).abs().max().item() if 'eager' in outputs else float('nan')
+                     for k, out in outputs.items()}
             t = interleaved(runners, args.rounds, device)
         g = gmacs(timm.create_model(name), args.size)
         base = t.get('eager', next(iter(t.values())))
-        print(f'| {name} | img/s | vs eager | max abs diff of logits | of best matmul of its dtype |')
-        print('|---|---:|---:|---:|---:|')
+        print(f'| {name} | img/s | vs eager | max abs diff of logits | of best matmul of its dtype | first call s |')
+        print('|---|---:|---:|---:|---:|---:|')
         for k, v in t.items():
             # bf16 runs its products in fp32 where the host has no bf16 products (the library's speed-ups,
             # OpenVINO's precision hint), so its limit is the faster of the two
             peak = max(peaks[torch.float32].values()) if 'bf16' not in k else max(
                 *peaks[torch.bfloat16].values(), *(peaks[torch.float32].values() if bf16_emulated else ()))
             print(f'| {k} | {args.batch / v:.2f} | {base / v:.2f}x | {diffs[k]:.1e} '
-                  f'| {2 * g * 1e9 * args.batch / v / peak:.2f} |')
+                  f'| {2 * g * 1e9 * args.batch / v / peak:.2f} | {first[k]:.1f} |')
 
 
 # ---- products: oneDNN with a packed weight vs torch's default, at the model's own shapes --------
