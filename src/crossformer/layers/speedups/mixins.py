@@ -28,6 +28,14 @@ LEAN_MLP_CHUNK_TOKENS = 2048  # tokens per chunk of the lean MLP, CPU fp32 train
 
 # ---- GroupAttention: a few groups at a time, huge groups in blocks of queries ---------------------
 
+def balanced_step(total: int, most: int) -> int:
+    """The chunk size that splits ``total`` items into as few chunks of at most ``most`` as can be,
+    as even as can be (64 groups, at most 31 a chunk: 22 + 22 + 20, not 31 + 31 + 2): like chunks
+    share one tuned product path, and none is left tiny."""
+    chunks = -(-total // most)
+    return max(1, -(-total // chunks))
+
+
 class AttentionSpeedups(Speedup):
     """For :class:`~crossformer.layers.GroupAttention`: a few groups at a time, or a huge group a
     block of queries at a time.
@@ -46,7 +54,7 @@ class AttentionSpeedups(Speedup):
     @staticmethod
     def _groups_per_chunk(x: torch.Tensor, mask: Optional[torch.Tensor]) -> int:
         groups = x.shape[0] if mask is None else mask.shape[0]  # groups per image (all, without a mask)
-        return max(1, min(ATTENTION_CHUNK_TOKENS // x.shape[1], groups))
+        return balanced_step(groups, max(1, ATTENTION_CHUNK_TOKENS // x.shape[1]))
 
     @torch.jit.unused
     def _huge(self, x: torch.Tensor) -> bool:
@@ -207,12 +215,14 @@ class BlockSpeedups(Speedup):
         flat = x.reshape(-1, x.shape[-1])
         if self._plain_mlp():  # eval: dropout and drop path are identities
             mlp = self.mlp
+            step = balanced_step(flat.shape[0], MLP_CHUNK_TOKENS)
             chunks = [linear_product(mlp.fc2, linear_product(mlp.fc1, self.norm2(rows), gelu=True), residual=rows)
-                      for rows in flat.split(MLP_CHUNK_TOKENS)]
+                      for rows in flat.split(step)]
             return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).view(x.shape)
         out = torch.empty_like(flat)
-        for start in range(0, flat.shape[0], MLP_CHUNK_TOKENS):
-            rows = slice(start, start + MLP_CHUNK_TOKENS)
+        step = balanced_step(flat.shape[0], MLP_CHUNK_TOKENS)
+        for start in range(0, flat.shape[0], step):
+            rows = slice(start, start + step)
             out[rows] = self.mlp_residual(flat[rows])
         return out.view(x.shape)
 
