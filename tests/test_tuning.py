@@ -189,6 +189,6 @@ def test_threads_tuning_one_model_give_the_definition(cache_dir):
         t.join()
     assert not errors
     kinds = {k[0] for k, _, _ in tuning.tuned_choices()}
-    assert kinds == {'linear', 'conv'}
+    assert kinds == {'linear', 'conv', 'attention'}  # products, and SDPA against explicit attention
     assert json.loads(tuning.tuning_file().read_text())['choices']  # kept for the next process
     assert not [f for f in os.listdir(cache_dir) if f.endswith('.tmp')]  # no temporary file left

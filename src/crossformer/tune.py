@@ -53,6 +53,10 @@ def _describe(key: tuple) -> str:
     if key[0] == 'conv':
         _, c, o, kh, kw, sh, sw, *_, dtype, pixels, threads = key
         return f'conv {c}->{o} {kh}x{kw}/{sh}, {dtype}, <={pixels} pixels, {threads} threads'
+    if key[0] == 'attention':
+        _, heads, tokens, head_dim, groups, masked, dtype, threads = key
+        return (f'attention {heads} heads x {head_dim} on {tokens}-token groups, <={groups} groups'
+                f'{", masked" if masked else ""}, {dtype}, {threads} threads')
     return ' '.join(map(str, key))
 
 

@@ -97,9 +97,9 @@ class GroupAttention(AttentionSpeedups, nn.Module):
 
     @torch.jit.unused
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                  mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
-        """:func:`group_attention` with this layer's choice of fused or explicit attention."""
-        return group_attention(q, k, v, bias, mask, self.fused_attn, dropout_p)
+                  mask: Optional[torch.Tensor], dropout_p: float, fused: Optional[bool] = None) -> torch.Tensor:
+        """:func:`group_attention`, fused or explicit as ``fused`` says, by default as this layer does."""
+        return group_attention(q, k, v, bias, mask, self.fused_attn if fused is None else fused, dropout_p)
 
     def forward(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.speedup_applies(x, mask):

@@ -14,6 +14,9 @@ token chunks                    GroupAttention,      :func:`~.gates.cpu_inferenc
                                 block MLP residual   (eval, no grad, no autocast but emulated bf16)
 query blocks of a huge group    GroupAttention       no grad, any device, attention weights over
                                                      ``HUGE_GROUP_BYTES``
+attention kernel: SDPA or       GroupAttention       **measured**: CPU inference where the layer
+matmul-softmax-matmul                                uses SDPA; the kernel timed faster here for
+                                                     the heads, group size and group count
 lean MLP (GELU recomputed)      block MLP residual   training with autograd, any device
 Linear products: torch's,       qkv, proj, fc1 with  **measured**: CPU inference on a plain
 oneDNN with a packed weight     GELU, fc2 with the   ``nn.Linear`` (:func:`~.products.packable`);

@@ -10,6 +10,7 @@ from torch import nn
 from .caches import dpb_cache
 from .gates import Speedup, cpu_inference, has_hooks, plain, submodules
 from .products import conv_paths, conv_product, linear_product, space_to_depth_conv, space_to_depth_fits
+from .tuning import choose, token_bucket
 
 __all__ = ['AttentionSpeedups', 'BlockSpeedups', 'CrossEmbedSpeedups', 'PosBiasSpeedups', 'gelu_linear',
            'ATTENTION_CHUNK_TOKENS', 'HUGE_GROUP_BYTES', 'QUERY_BLOCK_BYTES', 'MLP_CHUNK_TOKENS',
@@ -88,13 +89,28 @@ class AttentionSpeedups(Speedup):
     def _inference_forward(self, x: torch.Tensor, group_h: int, group_w: int,
                            mask: Optional[torch.Tensor]) -> torch.Tensor:
         """The layer's ``forward`` at CPU inference (eval: no dropout), qkv and proj through their
-        tuned paths (:func:`~.products.linear_product`). Keep it in step with ``GroupAttention.forward``."""
+        tuned paths (:func:`~.products.linear_product`), the attention fused or explicit, whichever
+        was timed faster here. Keep it in step with ``GroupAttention.forward``."""
         B_, N, C = x.shape
         qkv = linear_product(self.qkv, x)
         q, k, v = qkv.view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.pos(group_h, group_w, q.dtype, q.device)  # heads, N, N
-        x = self.attention(q, k, v, bias, mask, 0.).transpose(1, 2).reshape(B_, N, C)
+        x = self._tuned_attention(q, k, v, bias, mask).transpose(1, 2).reshape(B_, N, C)
         return linear_product(self.proj, x)
+
+    @torch.jit.unused
+    def _tuned_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                         mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The attention of ``(B_, heads, N, head_dim)`` q, k, v: SDPA (``'default'``, where the layer
+        uses it) or matmul-softmax-matmul (``'explicit'``), as timed on this host."""
+        if not self.fused_attn:
+            return self.attention(q, k, v, bias, mask, 0.)
+        B_, heads, N, head_dim = q.shape
+        key = ('attention', heads, N, head_dim, token_bucket(B_), int(mask is not None), str(q.dtype)[6:],
+               torch.get_num_threads())
+        path, out = choose(key, ('default', 'explicit'),
+                           lambda p: self.attention(q, k, v, bias, mask, 0., fused=p == 'default'))
+        return out if out is not None else self.attention(q, k, v, bias, mask, 0., fused=path == 'default')
 
     @torch.jit.unused
     def _query_blocks(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
