@@ -6,6 +6,7 @@
     python benchmarks/benchmark.py --sections deploy --batch 1    # vs onnxruntime, OpenVINO: needs .[bench]
     python benchmarks/benchmark.py --sections products --batch 1  # where packed oneDNN products pay
     python benchmarks/benchmark.py --sections speedups --models crossformer_t crossformer_s --against 94ab3d2
+    python benchmarks/benchmark.py --sections tuning --models crossformer_t crossformer_s  # what tuning costs
     python benchmarks/benchmark.py --sections shapes --models crossformer_t crossformerpp_s
 
 Every timing is the median over ``--rounds`` interleaved rounds (each contender once per
@@ -29,6 +30,7 @@ the faster of torch's default and (on the CPU) oneDNN with a packed weight, as t
 import argparse
 import contextlib
 import importlib.util
+import json
 import os
 import statistics
 import subprocess
@@ -488,9 +490,50 @@ def section_speedups(args, device):
                     print(row + f' <!-- max abs diff {diff:.1e} -->', flush=True)
 
 
+TUNING_PROBE = r'''
+import json, os, sys, time, torch, timm, crossformer
+name, batch, size, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), getattr(torch, sys.argv[4])
+torch.manual_seed(0)
+model = timm.create_model(name).eval().to(dtype)
+x = torch.randn(batch, 3, size, size, dtype=dtype)
+times = []
+with torch.no_grad():
+    for _ in range(4):
+        start = time.perf_counter(); model(x); times.append(time.perf_counter() - start)
+print(json.dumps(dict(first=times[0], steady=sorted(times[1:])[1])))
+'''
+
+
+def section_tuning(args, device):
+    """What tuning costs at a new size: the first call of a fresh process with tuning on, against
+    one with ``CROSSFORMER_TUNING=off`` (both pay the process's other first-call costs), in forwards."""
+    import tempfile
+    print(f'\n## tuning: first call of a fresh process, {torch.get_num_threads()} threads, {args.size}x{args.size}; '
+          f'cost = (first call tuning - first call not tuning) / steady call, median of {args.rounds} process pairs')
+    print('| model | dtype | batch | steady ms | first call ms, tuning | first call ms, not tuning | cost in forwards |')
+    print('|---|---|---:|---:|---:|---:|---:|')
+    dtypes = ['float32'] + (['bfloat16'] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+    for name in args.models:
+        for dtype in dtypes:
+            for batch in args.speedup_batches:
+                runs = {'on': [], 'off': []}
+                for _ in range(args.rounds):
+                    for mode in ('on', 'off'):
+                        with tempfile.TemporaryDirectory() as tmp:  # an empty tuning file each time
+                            env = dict(os.environ, CROSSFORMER_TUNING_CACHE=tmp,
+                                       CROSSFORMER_TUNING='measure' if mode == 'on' else 'off')
+                            out = subprocess.run([sys.executable, '-c', TUNING_PROBE, name, str(batch), str(args.size),
+                                                  dtype], env=env, check=True, capture_output=True, text=True)
+                        runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                first = {m: statistics.median(r['first'] for r in runs[m]) for m in runs}
+                steady = statistics.median(r['steady'] for r in runs['on'] + runs['off'])
+                print(f'| {name} | {dtype} | {batch} | {steady * 1e3:.0f} | {first["on"] * 1e3:.0f} '
+                      f'| {first["off"] * 1e3:.0f} | **{(first["on"] - first["off"]) / steady:.1f}** |', flush=True)
+
+
 SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling,
             'deploy': section_deploy, 'shapes': section_shapes, 'products': section_products,
-            'speedups': section_speedups}
+            'speedups': section_speedups, 'tuning': section_tuning}
 
 
 def main():

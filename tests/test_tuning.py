@@ -33,7 +33,7 @@ def timed(monkeypatch):
         def time_paths(paths, run):
             calls.append(tuple(paths))
             return {p: seconds[p] for p in paths}, {p: run(p) for p in paths}
-        monkeypatch.setattr(tuning, '_time_paths', time_paths)
+        monkeypatch.setattr(tuning, 'time_paths', time_paths)
         return calls
     return install
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gates import bf16_emulated, plain, plain_tensor, product_dtype
-from .tuning import choose, token_bucket
+from .tuning import choose, time_paths, token_bucket
 
 __all__ = ['linear_product', 'conv_product', 'packable', 'packed_weight', 'drop_packs', 'space_to_depth_conv',
            'space_to_depth_fits', 'linear_paths', 'conv_paths']
@@ -55,10 +55,24 @@ def _onednn_available() -> bool:
 
 def _packed_paths(dtype: torch.dtype) -> Tuple[str, ...]:
     """The paths beside torch's own for a product in ``dtype`` on this host: a bf16 product may also
-    run as an fp32 one of the bf16 values (the only one beside torch's where oneDNN has no bf16)."""
+    run as an fp32 one of the bf16 values (the only one beside torch's where oneDNN has no bf16, and
+    not offered where bf16 products were timed at over twice the speed of fp32 ones)."""
     if dtype == torch.float32:
         return ('onednn',)
-    return ('fp32',) if bf16_emulated() else ('onednn', 'fp32')
+    if bf16_emulated():
+        return ('fp32',)
+    return ('onednn',) if _bf16_products_outrun_fp32(torch.get_num_threads()) else ('onednn', 'fp32')
+
+
+@lru_cache(maxsize=None)
+def _bf16_products_outrun_fp32(threads: int) -> bool:
+    """Whether this host's bf16 products run over twice as fast as fp32 products of the same values,
+    timed once per process on one 256 x 256 x 256 product (about a millisecond): where they do, no
+    layer's bf16 product is timed as an fp32 one (a first call of each path costs more than the product)."""
+    a, b = torch.randn(256, 256).bfloat16(), torch.randn(256, 256).bfloat16()
+    with torch.no_grad(), torch.autocast('cpu', enabled=False):
+        seconds, _ = time_paths(('default', 'fp32'), lambda p: a @ b if p == 'default' else (a.float() @ b.float()).bfloat16())
+    return seconds['fp32'] > 2 * seconds['default']
 
 
 # ---- Linear ------------------------------------------------------------------------------------

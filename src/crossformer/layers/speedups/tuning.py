@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['choose', 'tuning_enabled', 'tuned_choices', 'clear_tuning', 'tuning_file', 'host_signature',
+__all__ = ['choose', 'time_paths', 'tuning_enabled', 'tuned_choices', 'clear_tuning', 'tuning_file', 'host_signature',
            'token_bucket', 'PATHS', 'TUNING_MARGIN', 'TUNING_ROUNDS']
 
 PATHS = ('default', 'onednn', 'fp32', 'space_to_depth', 'explicit')  # every path a product may take; 'default' is torch's
@@ -213,7 +213,7 @@ class _Choices:
 _choices = _Choices()
 
 
-def _time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+def time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
     """The fewest seconds ``run(path)`` took for each path over up to :data:`TUNING_ROUNDS` interleaved
     calls after an untimed one (which packs a weight), and each path's last output.
 
@@ -253,7 +253,7 @@ def choose(key: Key, paths: Sequence[str], run: Callable[[str], torch.Tensor]) -
     path = _choices.get(key)
     if path is not None and path in paths:
         return path, None
-    seconds, outputs = _time_paths(paths, run)
+    seconds, outputs = time_paths(paths, run)
     fastest = min(seconds, key=seconds.get)
     path = fastest if seconds[fastest] * TUNING_MARGIN < seconds['default'] else 'default'
     outputs = {p: out for p, out in outputs.items() if p == path}
