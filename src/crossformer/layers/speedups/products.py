@@ -6,9 +6,9 @@ Every path computes the layer's product (tests hold them within 1e-5 of the defi
 - ``'default'``: torch's own call, the definition;
 - ``'onednn'``: oneDNN with the weight packed once into its blocked layout (torch re-lays a
   convolution's weight out on every call), a Linear's GELU or residual add fused as a post-op;
-- ``'fp32'``: bf16 on a host without bf16 products (torch emulates them, several times slower):
-  an fp32 product of the bf16-rounded values, rounded once, as a native bf16 product
-  accumulates in fp32;
+- ``'fp32'``: a bf16 product as an fp32 product of the bf16-rounded values, rounded once, as a
+  native bf16 product accumulates in fp32 (where oneDNN has no bf16 products torch emulates them,
+  several times slower);
 - ``'space_to_depth'``: a large strided kernel on few channels as a stride-1 convolution.
 """
 import threading
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import ConfigError
 from .gates import bf16_emulated, plain, plain_tensor, product_dtype
 from .tuning import choose, time_paths, token_bucket
 
@@ -69,7 +70,8 @@ def _bf16_products_outrun_fp32(threads: int) -> bool:
     """Whether this host's bf16 products run over twice as fast as fp32 products of the same values,
     timed once per process on one 256 x 256 x 256 product (about a millisecond): where they do, no
     layer's bf16 product is timed as an fp32 one (a first call of each path costs more than the product)."""
-    a, b = torch.randn(256, 256).bfloat16(), torch.randn(256, 256).bfloat16()
+    generator = torch.Generator().manual_seed(0)  # the process's random stream stays the user's
+    a, b = (torch.randn(256, 256, generator=generator).bfloat16() for _ in range(2))
     with torch.no_grad(), torch.autocast('cpu', enabled=False):
         seconds, _ = time_paths(('default', 'fp32'), lambda p: a @ b if p == 'default' else (a.float() @ b.float()).bfloat16())
     return seconds['fp32'] > 2 * seconds['default']
@@ -107,7 +109,7 @@ def linear_product(layer: nn.Linear, x: torch.Tensor, gelu: bool = False,
             _drop_packs_but(layer, dtype, path)
             return out
     elif path not in paths:
-        raise ValueError(f'path {path!r} is not one of {paths} for this product')
+        raise ConfigError(f'path {path!r} is not one of {paths} for this product')
     return _linear(layer, x, gelu, residual, path)
 
 
@@ -202,7 +204,7 @@ def conv_product(conv: nn.Conv2d, x: torch.Tensor, path: Optional[str] = None) -
             _drop_packs_but(conv, dtype, path)
             return out
     elif path not in paths:
-        raise ValueError(f'path {path!r} is not one of {paths} for this convolution')
+        raise ConfigError(f'path {path!r} is not one of {paths} for this convolution')
     return _conv(conv, x, path)
 
 
