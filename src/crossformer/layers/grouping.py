@@ -16,13 +16,18 @@ tokens see only each other, with the bias of their real offsets: what an ``H x W
 
 Under ``torch.jit.trace`` (and so the TorchScript-based ONNX exporter) sizes are 0-dim tensors:
 :func:`group_layout` then computes with tensor ops instead of Python branches, and the padding
-mask is always built, so a traced or exported graph follows the input size.
+mask is always built, so a traced or exported graph follows the input size. Under
+``torch.export`` (and ``torch.compile`` with dynamic shapes) sizes are symbols (``SymInt``): the
+block then decides between the two layouts with ``torch.cond`` on :func:`is_whole_map`, and the
+regular layout (:func:`grid_layout`) always pads and builds the mask (:func:`key_padding_mask`),
+so no size becomes a guard of the graph.
 """
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['group_layout', 'group_tokens', 'ungroup_tokens', 'build_padding_mask', 'MASK_VALUE']
+__all__ = ['group_layout', 'grid_layout', 'is_whole_map', 'symbolic_sizes', 'group_tokens', 'ungroup_tokens',
+           'build_padding_mask', 'key_padding_mask', 'MASK_VALUE']
 
 # Added to the logits of padded keys. Large but finite, as in the reference: a group made only
 # of padding then gets uniform weights instead of NaN.
@@ -40,9 +45,27 @@ def group_layout(height: int, width: int, group_size: int, interval: int) -> Tup
         return _traced_group_layout(height, width, group_size, interval)
     if min(height, width) <= group_size:
         return height, width, 1, height, width
+    return grid_layout(height, width, group_size, interval)
+
+
+def grid_layout(height: int, width: int, group_size: int, interval: int) -> Tuple[int, int, int, int, int]:
+    """:func:`group_layout` of a map whose short side exceeds ``G``: ``(G, G, I, Hp, Wp)``."""
     span = group_size * interval
-    # (n + span - 1) // span, not -(-n // span): traced exporters truncate negative division
+    # (n + span - 1) // span, not -(-n // span): traced exporters truncate negative division, and
+    # symbolic shapes keep a floor division simpler than a modulo
     return group_size, group_size, interval, (height + span - 1) // span * span, (width + span - 1) // span * span
+
+
+@torch.jit.unused
+def symbolic_sizes(height: int, width: int) -> bool:
+    """The sizes are symbols (``torch.export``, ``torch.compile`` with dynamic shapes), not ints."""
+    return isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt)
+
+
+@torch.jit.unused
+def is_whole_map(height: int, width: int, group_size: int) -> bool:
+    """``min(height, width) <= group_size``, kept symbolic (a ``SymBool``) for symbolic sizes."""
+    return torch.sym_min(height, width) <= group_size
 
 
 @torch.jit.unused
@@ -88,6 +111,12 @@ def build_padding_mask(height: int, width: int, group_h: int, group_w: int, inte
     """
     if not torch.jit.is_tracing() and height == padded_h and width == padded_w:
         return None
+    return key_padding_mask(height, width, group_h, group_w, interval, padded_h, padded_w, device)
+
+
+def key_padding_mask(height: int, width: int, group_h: int, group_w: int, interval: int, padded_h: int,
+                     padded_w: int, device: torch.device) -> torch.Tensor:
+    """:func:`build_padding_mask`, built also where nothing is padded (zeros): ``(num_groups, 1, 1, Gh*Gw)``."""
     rows = torch.arange(padded_h, device=device) >= height  # Hp
     cols = torch.arange(padded_w, device=device) >= width  # Wp
     pad = (rows[:, None] | cols[None, :]).float()[None, :, :, None]  # 1, Hp, Wp, 1
