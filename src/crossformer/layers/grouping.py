@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ['group_layout', 'grid_layout', 'is_whole_map', 'symbolic_sizes', 'group_tokens', 'ungroup_tokens',
-           'build_padding_mask', 'key_padding_mask', 'MASK_VALUE']
+           'build_padding_mask', 'key_padding_mask', 'contiguous_if_captured', 'MASK_VALUE']
 
 # Added to the logits of padded keys. Large but finite, as in the reference: a group made only
 # of padding then gets uniform weights instead of NaN.
@@ -89,7 +89,7 @@ def group_tokens(x: torch.Tensor, group_h: int, group_w: int, interval: int) -> 
     Gh, Gw, I = group_h, group_w, interval
     x = x.view(B, Hp // (Gh * I), Gh, I, Wp // (Gw * I), Gw, I, C)  # B, Rh, Gh, Ih, Rw, Gw, Iw, C
     x = x.permute(0, 1, 4, 3, 6, 2, 5, 7)  # B, Rh, Rw, Ih, Iw, Gh, Gw, C
-    return x.reshape(-1, Gh * Gw, C)
+    return contiguous_if_captured(x).reshape(-1, Gh * Gw, C)
 
 
 def ungroup_tokens(x: torch.Tensor, group_h: int, group_w: int, interval: int, height: int,
@@ -99,7 +99,19 @@ def ungroup_tokens(x: torch.Tensor, group_h: int, group_w: int, interval: int, h
     C = x.shape[-1]
     x = x.view(-1, height // (Gh * I), width // (Gw * I), I, I, Gh, Gw, C)  # B, Rh, Rw, Ih, Iw, Gh, Gw, C
     x = x.permute(0, 1, 5, 3, 2, 6, 4, 7)  # B, Rh, Gh, Ih, Rw, Gw, Iw, C
-    return x.reshape(-1, height, width, C)
+    return contiguous_if_captured(x).reshape(-1, height, width, C)
+
+
+def contiguous_if_captured(x: torch.Tensor) -> torch.Tensor:
+    """``x``, copied to a contiguous tensor under ``torch.export`` or ``torch.compile``.
+
+    With symbolic sizes, whether ``reshape`` can return a view (or which memory format an op
+    picks) depends on which sizes are 1 (a single group, ``I == 1``, a 1-pixel map): a guard on
+    the sizes. After a copy there is nothing to decide. Eager code keeps its views.
+    """
+    if not torch.jit.is_scripting() and torch.compiler.is_compiling():
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 def build_padding_mask(height: int, width: int, group_h: int, group_w: int, interval: int, padded_h: int,
