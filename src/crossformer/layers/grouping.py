@@ -58,8 +58,11 @@ def grid_layout(height: int, width: int, group_size: int, interval: int) -> Tupl
 
 @torch.jit.unused
 def symbolic_sizes(height: int, width: int) -> bool:
-    """The sizes are symbols (``torch.export``, ``torch.compile`` with dynamic shapes), not ints."""
-    return isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt)
+    """The sizes may be symbols under ``torch.export``: ``SymInt`` (non-strict), or any size under
+    strict export, where dynamo shows a ``SymInt`` as an int."""
+    if isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt):
+        return True
+    return torch.compiler.is_exporting() and torch.compiler.is_dynamo_compiling()
 
 
 @torch.jit.unused
