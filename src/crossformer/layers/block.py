@@ -73,8 +73,9 @@ class CrossFormerBlock(BlockSpeedups, nn.Module):
         """SDA or LDA over the groups of a ``(B, H, W, C)`` map, padded to the group grid and cropped back."""
         B, H, W, C = x.shape
         if not torch.jit.is_scripting() and symbolic_sizes(H, W):
-            # torch.export, dynamic torch.compile: the choice of layout is part of the graph
-            # each branch returns its (B, H, W, C) result flat, so that torch.cond has no strides to reconcile
+            # torch.export: the choice of layout is part of the graph (torch.compile's dynamo shows
+            # sizes as ints, so it decides in Python and recompiles per layout). Each branch returns
+            # its (B, H, W, C) result flat, so that torch.cond has no strides to reconcile.
             x = torch.cond(is_whole_map(H, W, self.group_size), self.attend_whole, self.attend_grid, (x,))
             return x.view(B, H, W, C)
         Gh, Gw, I, Hp, Wp = group_layout(H, W, self.group_size, self.interval)

@@ -17,8 +17,7 @@ tokens see only each other, with the bias of their real offsets: what an ``H x W
 Under ``torch.jit.trace`` (and so the TorchScript-based ONNX exporter) sizes are 0-dim tensors:
 :func:`group_layout` then computes with tensor ops instead of Python branches, and the padding
 mask is always built, so a traced or exported graph follows the input size. Under
-``torch.export`` (and ``torch.compile`` with dynamic shapes) sizes are symbols (``SymInt``): the
-block then decides between the two layouts with ``torch.cond`` on :func:`is_whole_map`, and the
+``torch.export`` with dynamic shapes sizes are symbols (``SymInt``): the block then decides between the two layouts with ``torch.cond`` on :func:`is_whole_map`, and the
 regular layout (:func:`grid_layout`) always pads and builds the mask (:func:`key_padding_mask`),
 so no size becomes a guard of the graph.
 """
@@ -26,8 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['group_layout', 'grid_layout', 'is_whole_map', 'symbolic_sizes', 'group_tokens', 'ungroup_tokens',
-           'build_padding_mask', 'key_padding_mask', 'contiguous_if_captured', 'MASK_VALUE']
+__all__ = ['group_layout', 'grid_layout', 'is_whole_map', 'symbolic_sizes', 'exporting', 'group_tokens',
+           'ungroup_tokens', 'build_padding_mask', 'key_padding_mask', 'contiguous_if_exporting', 'MASK_VALUE']
 
 # Added to the logits of padded keys. Large but finite, as in the reference: a group made only
 # of padding then gets uniform weights instead of NaN.
@@ -66,6 +65,12 @@ def symbolic_sizes(height: int, width: int) -> bool:
 
 
 @torch.jit.unused
+def exporting() -> bool:
+    """Under ``torch.export``, strict or not (TorchScript cannot compile ``torch.compiler.is_exporting``)."""
+    return torch.compiler.is_exporting()
+
+
+@torch.jit.unused
 def is_whole_map(height: int, width: int, group_size: int) -> bool:
     """``min(height, width) <= group_size``, kept symbolic (a ``SymBool``) for symbolic sizes."""
     return torch.sym_min(height, width) <= group_size
@@ -92,7 +97,7 @@ def group_tokens(x: torch.Tensor, group_h: int, group_w: int, interval: int) -> 
     Gh, Gw, I = group_h, group_w, interval
     x = x.view(B, Hp // (Gh * I), Gh, I, Wp // (Gw * I), Gw, I, C)  # B, Rh, Gh, Ih, Rw, Gw, Iw, C
     x = x.permute(0, 1, 4, 3, 6, 2, 5, 7)  # B, Rh, Rw, Ih, Iw, Gh, Gw, C
-    return contiguous_if_captured(x).reshape(-1, Gh * Gw, C)
+    return contiguous_if_exporting(x).reshape(-1, Gh * Gw, C)
 
 
 def ungroup_tokens(x: torch.Tensor, group_h: int, group_w: int, interval: int, height: int,
@@ -102,17 +107,17 @@ def ungroup_tokens(x: torch.Tensor, group_h: int, group_w: int, interval: int, h
     C = x.shape[-1]
     x = x.view(-1, height // (Gh * I), width // (Gw * I), I, I, Gh, Gw, C)  # B, Rh, Rw, Ih, Iw, Gh, Gw, C
     x = x.permute(0, 1, 5, 3, 2, 6, 4, 7)  # B, Rh, Gh, Ih, Rw, Gw, Iw, C
-    return contiguous_if_captured(x).reshape(-1, height, width, C)
+    return contiguous_if_exporting(x).reshape(-1, height, width, C)
 
 
-def contiguous_if_captured(x: torch.Tensor) -> torch.Tensor:
-    """``x``, copied to a contiguous tensor under ``torch.export`` or ``torch.compile``.
+def contiguous_if_exporting(x: torch.Tensor) -> torch.Tensor:
+    """``x``, copied to a contiguous tensor under ``torch.export``.
 
     With symbolic sizes, whether ``reshape`` can return a view (or which memory format an op
     picks) depends on which sizes are 1 (a single group, ``I == 1``, a 1-pixel map): a guard on
-    the sizes. After a copy there is nothing to decide. Eager code keeps its views.
+    the sizes. After a copy there is nothing to decide. Eager code and torch.compile keep their views.
     """
-    if not torch.jit.is_scripting() and torch.compiler.is_compiling():
+    if not torch.jit.is_scripting() and exporting():
         return x.clone(memory_format=torch.contiguous_format)
     return x
 
