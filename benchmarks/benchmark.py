@@ -8,6 +8,7 @@
     python benchmarks/benchmark.py --sections speedups --models crossformer_t crossformer_s --against 94ab3d2
     python benchmarks/benchmark.py --sections tuning --models crossformer_t crossformer_s  # what tuning costs
     python benchmarks/benchmark.py --sections shapes --models crossformer_t crossformerpp_s
+    python benchmarks/benchmark.py --sections export --batch 2 --models crossformer_t  # torch.export seconds
 
 Every timing is the median over ``--rounds`` interleaved rounds (each contender once per
 round, in turn), so slow drift of the machine hits all of them alike. Baselines:
@@ -531,9 +532,49 @@ def section_tuning(args, device):
                       f'| {first["off"] * 1e3:.0f} | **{(first["on"] - first["off"]) / steady:.1f}** |', flush=True)
 
 
+# ---- export: seconds of torch.export, static and with dynamic batch, height and width ---------
+
+EXPORT_BASELINES = (SWIN, 'convnext_atto')
+
+
+def section_export(args, device):
+    """``torch.export.export`` time of each model at ``--batch`` x ``--size``, static and dynamic
+    (batch, height and width ``Dim.AUTO``, sizes of 1 size-oblivious as the ONNX exporter takes
+    them), beside timm's swin_tiny and convnext_atto; then whether the dynamic program still runs
+    (and matches eager) at two other sizes. One export each: compile caches do not carry over."""
+    from torch.export import Dim
+    print(f'\n## export: seconds of torch.export.export, batch {args.batch}, {args.size}x{args.size}, '
+          f'{torch.get_num_threads()} threads; dynamic = batch, height, width Dim.AUTO')
+    print('| model | static s | dynamic s | dynamic program at 97x131, 64x960: max abs diff or failure |')
+    print('|---|---:|---:|---|')
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    for name in list(args.models) + [m for m in EXPORT_BASELINES if m not in args.models]:
+        model = timm.create_model(name, **({'dynamic_img_size': True} if name == SWIN else {})).to(device).eval()
+        start = time.perf_counter()
+        torch.export.export(model, (x,))
+        static = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                program = torch.export.export(model, (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},))
+        except Exception as e:  # a baseline that cannot be exported dynamically is a result too
+            print(f'| {name} | {static:.1f} | failed after {time.perf_counter() - start:.1f} | {type(e).__name__} |')
+            continue
+        dynamic = time.perf_counter() - start
+        checks = []
+        for h, w in ((97, 131), (64, 960)):
+            y = torch.randn(1, 3, h, w, device=device)
+            try:
+                with torch.no_grad():
+                    checks.append(f'{(program.module()(y) - model(y)).abs().max().item():.1e}')
+            except Exception as e:
+                checks.append(type(e).__name__ + ': ' + str(e).splitlines()[0][:60])
+        print(f'| {name} | {static:.1f} | {dynamic:.1f} | {", ".join(checks)} |')
+
+
 SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling,
             'deploy': section_deploy, 'shapes': section_shapes, 'products': section_products,
-            'speedups': section_speedups, 'tuning': section_tuning}
+            'speedups': section_speedups, 'tuning': section_tuning, 'export': section_export}
 
 
 def main():

@@ -4,7 +4,7 @@ The TorchScript-based exporter (``dynamo=False``, opset 17) traces the model. Un
 ``group_layout`` computes with the traced sizes (the whole-map branch, short side <= G, becomes
 a ``torch.where``) and the padding mask is always built, so a graph exported at one size is
 valid at every size and batch: maps that divide evenly, padded maps and whole-map groups. The
-dynamo exporter is not tested.
+dynamo exporter (torch.export) is tested in tests/test_torch_export.py.
 """
 import warnings
 

@@ -7,6 +7,7 @@ from torch import nn
 from timm.layers import use_fused_attn
 
 from ..errors import ConfigError
+from .grouping import exporting
 from .pos_bias import DynamicPosBias
 from .speedups import AttentionSpeedups
 
@@ -51,10 +52,17 @@ def group_attention(
             # SDPA's fast CPU kernel takes a 4-D mask only, so expand it over the images
             bias = bias.expand(B_ // mask.shape[0], -1, -1, -1, -1).reshape(B_, heads, Nq, Nk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-    attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
+    if not torch.jit.is_scripting() and exporting():
+        # torch.export: 3-D products, as symbolic sizes make the 4-D matmul's reshapes guard on Nq != 1
+        q, k, v = [t.clone(memory_format=torch.contiguous_format).flatten(0, 1) for t in (q, k, v)]
+        attn = torch.bmm(q * head_dim ** -0.5, k.transpose(1, 2)).view(B_, heads, Nq, Nk)
+    else:
+        attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
         attn = attn.view(-1, mask.shape[0], heads, Nq, Nk)  # B, groups, heads, Nq, Nk
     attn = F.dropout((attn + bias).softmax(dim=-1), dropout_p, training=dropout_p > 0.)
+    if not torch.jit.is_scripting() and exporting():
+        return torch.bmm(attn.reshape(B_ * heads, Nq, Nk), v).view(B_, heads, Nq, head_dim)
     return attn.view(B_, heads, Nq, Nk) @ v
 
 
@@ -110,5 +118,8 @@ class GroupAttention(AttentionSpeedups, nn.Module):
         bias = self.pos(group_h, group_w, q.dtype, q.device)  # heads, N, N
         dropout_p = self.attn_drop.p if self.training else 0.
         x = group_attention(q, k, v, bias, mask, self.fused_attn, dropout_p)
-        x = x.transpose(1, 2).reshape(B_, N, C)
+        x = x.transpose(1, 2)  # B_, N, heads, head_dim
+        if not torch.jit.is_scripting() and exporting():
+            x = x.clone(memory_format=torch.contiguous_format)  # a view under symbolic sizes would guard on N != 1
+        x = x.reshape(B_, N, C)
         return self.proj_drop(self.proj(x))

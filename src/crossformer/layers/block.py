@@ -10,7 +10,7 @@ from timm.models._manipulate import checkpoint_seq
 from ..errors import ConfigError
 from .attention import GroupAttention
 from .cross_embed import CrossEmbedLayer
-from .grouping import group_layout, group_tokens, ungroup_tokens
+from .grouping import grid_layout, group_layout, group_tokens, is_whole_map, key_padding_mask, symbolic_sizes, ungroup_tokens
 from .speedups import BlockSpeedups, padding_mask
 
 __all__ = ['CrossFormerBlock', 'Stage', 'has_cooling']
@@ -72,13 +72,43 @@ class CrossFormerBlock(BlockSpeedups, nn.Module):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """SDA or LDA over the groups of a ``(B, H, W, C)`` map, padded to the group grid and cropped back."""
         B, H, W, C = x.shape
+        if not torch.jit.is_scripting() and symbolic_sizes(H, W):
+            # torch.export: the choice of layout is part of the graph (torch.compile's dynamo shows
+            # sizes as ints, so it decides in Python and recompiles per layout). Each branch returns
+            # its (B, H, W, C) result flat, so that torch.cond has no strides to reconcile.
+            x = torch.cond(is_whole_map(H, W, self.group_size), self.attend_whole, self.attend_grid, (x,))
+            return x.view(B, H, W, C)
         Gh, Gw, I, Hp, Wp = group_layout(H, W, self.group_size, self.interval)
-        mask = padding_mask(H, W, Gh, Gw, I, Hp, Wp, x.device)
+        return self.attend_groups(x, Gh, Gw, I, Hp, Wp, padding_mask(H, W, Gh, Gw, I, Hp, Wp, x.device))
+
+    def attend_groups(self, x: torch.Tensor, group_h: int, group_w: int, interval: int, padded_h: int,
+                      padded_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`attend` with a given layout; the map is padded and cropped where ``mask`` is given."""
+        B, H, W, C = x.shape
         if mask is not None:
-            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
-        x = self.attn(group_tokens(x, Gh, Gw, I), Gh, Gw, mask)  # B * groups, Gh*Gw, C
-        x = ungroup_tokens(x, Gh, Gw, I, Hp, Wp)
+            x = F.pad(x, (0, 0, 0, padded_w - W, 0, padded_h - H))
+        x = self.attn(group_tokens(x, group_h, group_w, interval), group_h, group_w, mask)  # B * groups, Gh*Gw, C
+        x = ungroup_tokens(x, group_h, group_w, interval, padded_h, padded_w)
         return x[:, :H, :W] if mask is not None else x
+
+    @torch.jit.unused
+    def attend_whole(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend` of a map whose short side is at most G, one group of its ``H x W`` tokens; flat."""
+        B, H, W, C = x.shape
+        return self.attend_groups(x, H, W, 1, H, W, None).reshape(-1)
+
+    @torch.jit.unused
+    def attend_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend` in ``G x G`` groups, always padded and masked (a zero pad changes nothing); flat."""
+        B, H, W, C = x.shape
+        Gh, Gw, I, Hp, Wp = grid_layout(H, W, self.group_size, self.interval)
+        x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        x = self.attn(group_tokens(x, Gh, Gw, I), Gh, Gw, key_padding_mask(H, W, Gh, Gw, I, Hp, Wp, x.device))
+        x = ungroup_tokens(x, Gh, Gw, I, Hp, Wp)
+        # cropped by gathering rows and columns: a new tensor of exactly H x W (a slice's size would be
+        # min(H, Hp), its strides those of the padded map), as attend_whole returns
+        x = x.index_select(1, torch.arange(H, device=x.device))
+        return x.index_select(2, torch.arange(W, device=x.device)).reshape(-1)
 
     def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         """``x + MLP(norm2(x))`` over tokens ``(..., C)``."""

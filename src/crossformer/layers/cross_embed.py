@@ -65,7 +65,8 @@ class CrossEmbedLayer(CrossEmbedSpeedups, nn.Module):
         if self.norm_first:
             x = self.norm(x).permute(0, 3, 1, 2)  # B, C, H, W
         H, W = x.shape[-2:]
-        x = F.pad(x, (0, (-W) % self.stride, 0, (-H) % self.stride))
+        s = self.stride  # pad to a multiple of the stride; a floor division, which symbolic shapes keep simple
+        x = F.pad(x, (0, (W + s - 1) // s * s - W, 0, (H + s - 1) // s * s - H))
         if not torch.jit.is_scripting() and self.speedup_applies(x):
             x = self.speedup(x)  # the same convolutions: packed weights, or large kernels as space-to-depth
         else:

@@ -16,13 +16,17 @@ tokens see only each other, with the bias of their real offsets: what an ``H x W
 
 Under ``torch.jit.trace`` (and so the TorchScript-based ONNX exporter) sizes are 0-dim tensors:
 :func:`group_layout` then computes with tensor ops instead of Python branches, and the padding
-mask is always built, so a traced or exported graph follows the input size.
+mask is always built, so a traced or exported graph follows the input size. Under
+``torch.export`` with dynamic shapes sizes are symbols (``SymInt``): the block then decides between the two layouts with ``torch.cond`` on :func:`is_whole_map`, and the
+regular layout (:func:`grid_layout`) always pads and builds the mask (:func:`key_padding_mask`),
+so no size becomes a guard of the graph.
 """
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['group_layout', 'group_tokens', 'ungroup_tokens', 'build_padding_mask', 'MASK_VALUE']
+__all__ = ['group_layout', 'grid_layout', 'is_whole_map', 'symbolic_sizes', 'exporting', 'group_tokens',
+           'ungroup_tokens', 'build_padding_mask', 'key_padding_mask', 'contiguous_if_exporting', 'MASK_VALUE']
 
 # Added to the logits of padded keys. Large but finite, as in the reference: a group made only
 # of padding then gets uniform weights instead of NaN.
@@ -40,9 +44,36 @@ def group_layout(height: int, width: int, group_size: int, interval: int) -> Tup
         return _traced_group_layout(height, width, group_size, interval)
     if min(height, width) <= group_size:
         return height, width, 1, height, width
+    return grid_layout(height, width, group_size, interval)
+
+
+def grid_layout(height: int, width: int, group_size: int, interval: int) -> Tuple[int, int, int, int, int]:
+    """:func:`group_layout` of a map whose short side exceeds ``G``: ``(G, G, I, Hp, Wp)``."""
     span = group_size * interval
-    # (n + span - 1) // span, not -(-n // span): traced exporters truncate negative division
+    # (n + span - 1) // span, not -(-n // span): traced exporters truncate negative division, and
+    # symbolic shapes keep a floor division simpler than a modulo
     return group_size, group_size, interval, (height + span - 1) // span * span, (width + span - 1) // span * span
+
+
+@torch.jit.unused
+def symbolic_sizes(height: int, width: int) -> bool:
+    """The sizes may be symbols under ``torch.export``: ``SymInt`` (non-strict), or any size under
+    strict export, where dynamo shows a ``SymInt`` as an int."""
+    if isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt):
+        return True
+    return torch.compiler.is_exporting() and torch.compiler.is_dynamo_compiling()
+
+
+@torch.jit.unused
+def exporting() -> bool:
+    """Under ``torch.export``, strict or not (TorchScript cannot compile ``torch.compiler.is_exporting``)."""
+    return torch.compiler.is_exporting()
+
+
+@torch.jit.unused
+def is_whole_map(height: int, width: int, group_size: int) -> bool:
+    """``min(height, width) <= group_size``, kept symbolic (a ``SymBool``) for symbolic sizes."""
+    return torch.sym_min(height, width) <= group_size
 
 
 @torch.jit.unused
@@ -66,7 +97,7 @@ def group_tokens(x: torch.Tensor, group_h: int, group_w: int, interval: int) -> 
     Gh, Gw, I = group_h, group_w, interval
     x = x.view(B, Hp // (Gh * I), Gh, I, Wp // (Gw * I), Gw, I, C)  # B, Rh, Gh, Ih, Rw, Gw, Iw, C
     x = x.permute(0, 1, 4, 3, 6, 2, 5, 7)  # B, Rh, Rw, Ih, Iw, Gh, Gw, C
-    return x.reshape(-1, Gh * Gw, C)
+    return contiguous_if_exporting(x).reshape(-1, Gh * Gw, C)
 
 
 def ungroup_tokens(x: torch.Tensor, group_h: int, group_w: int, interval: int, height: int,
@@ -76,7 +107,19 @@ def ungroup_tokens(x: torch.Tensor, group_h: int, group_w: int, interval: int, h
     C = x.shape[-1]
     x = x.view(-1, height // (Gh * I), width // (Gw * I), I, I, Gh, Gw, C)  # B, Rh, Rw, Ih, Iw, Gh, Gw, C
     x = x.permute(0, 1, 5, 3, 2, 6, 4, 7)  # B, Rh, Gh, Ih, Rw, Gw, Iw, C
-    return x.reshape(-1, height, width, C)
+    return contiguous_if_exporting(x).reshape(-1, height, width, C)
+
+
+def contiguous_if_exporting(x: torch.Tensor) -> torch.Tensor:
+    """``x``, copied to a contiguous tensor under ``torch.export``.
+
+    With symbolic sizes, whether ``reshape`` can return a view (or which memory format an op
+    picks) depends on which sizes are 1 (a single group, ``I == 1``, a 1-pixel map): a guard on
+    the sizes. After a copy there is nothing to decide. Eager code and torch.compile keep their views.
+    """
+    if not torch.jit.is_scripting() and exporting():
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 def build_padding_mask(height: int, width: int, group_h: int, group_w: int, interval: int, padded_h: int,
@@ -88,6 +131,12 @@ def build_padding_mask(height: int, width: int, group_h: int, group_w: int, inte
     """
     if not torch.jit.is_tracing() and height == padded_h and width == padded_w:
         return None
+    return key_padding_mask(height, width, group_h, group_w, interval, padded_h, padded_w, device)
+
+
+def key_padding_mask(height: int, width: int, group_h: int, group_w: int, interval: int, padded_h: int,
+                     padded_w: int, device: torch.device) -> torch.Tensor:
+    """:func:`build_padding_mask`, built also where nothing is padded (zeros): ``(num_groups, 1, 1, Gh*Gw)``."""
     rows = torch.arange(padded_h, device=device) >= height  # Hp
     cols = torch.arange(padded_w, device=device) >= width  # Wp
     pad = (rows[:, None] | cols[None, :]).float()[None, :, :, None]  # 1, Hp, Wp, 1

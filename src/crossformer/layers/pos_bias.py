@@ -26,8 +26,9 @@ def relative_position_index(group_h: int, group_w: int, device: Optional[torch.d
     ``p(i) - p(j) + p0`` with ``p(t) = ht * (2Gw - 1) + wt`` and ``p0`` the row of offset (0, 0).
     ``start``/``stop`` give only the rows of queries ``start .. stop-1`` (``stop=-1``: to the end).
     """
-    tokens = torch.arange(group_h * group_w, device=device)
-    p = tokens // group_w * (2 * group_w - 1) + tokens % group_w  # N
+    rows = torch.arange(group_h, device=device)
+    cols = torch.arange(group_w, device=device)
+    p = (rows[:, None] * (2 * group_w - 1) + cols[None, :]).reshape(-1)  # N; no modulo, which ONNX lacks for symbolic sizes
     queries = p[start:] if stop < 0 else p[start:stop]
     return queries[:, None] - (p - (group_h - 1) * (2 * group_w - 1) - (group_w - 1))[None, :]
 

@@ -22,6 +22,7 @@ from timm.models._registry import get_pretrained_cfg
 
 from ..errors import CheckpointError, ConfigError, InputError
 from ..layers import CrossEmbedLayer, Stage
+from ..layers.grouping import contiguous_if_exporting
 from ..weights import load_checkpoint
 
 __all__ = ['CrossFormer', 'checkpoint_filter_fn', 'check_file_model_args', 'FILE_MODEL_ARGS', 'PAPER_RESULTS']
@@ -281,7 +282,8 @@ class CrossFormer(nn.Module):
         """``(B, C, H, W)`` image -> ``(B, num_features, ceil(H / r), ceil(W / r))`` normed map, ``r`` the last reduction."""
         check_image(x, self.in_chans)
         x = self.layers(self.patch_embed(x))
-        return self.norm(x).permute(0, 3, 1, 2)
+        # a copy under torch.export: the pooling would pick a memory format from these strides, guarding on sizes of 1
+        return contiguous_if_exporting(self.norm(x).permute(0, 3, 1, 2))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
