@@ -12,7 +12,8 @@ __all__ = ['Speedup', 'capturing', 'has_hooks', 'submodules', 'plain', 'plain_te
 
 @torch.jit.unused
 def _capturing_in_python() -> bool:
-    return torch.jit.is_tracing() or is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+    return (torch.jit.is_tracing() or is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
 
 
 def capturing() -> bool:
