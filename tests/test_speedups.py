@@ -128,7 +128,13 @@ def test_lean_mlp_under_autocast_gives_grads_in_parameter_dtype():
         torch.testing.assert_close(lean_grad, plain_grad, atol=2e-2, rtol=2e-2)  # bf16 products
 
 
+def take_chunks(monkeypatch):
+    """Layers take their tokens in chunks, whatever timing would say (the other choices: the default)."""
+    monkeypatch.setattr(mixins, 'choose', lambda key, paths, run: ('chunks' if 'chunks' in paths else 'default', None))
+
+
 def test_chunked_mlp_inference_matches_plain(monkeypatch):
+    take_chunks(monkeypatch)
     monkeypatch.setattr(mixins, 'MLP_CHUNK_TOKENS', 7)
     block = CrossFormerBlock(16, 2, group_size=3, interval=2).eval()
     x = torch.randn(2, 9, 5, 16)  # 90 tokens: 13 chunks, the last one short
@@ -143,6 +149,7 @@ def test_chunked_mlp_inference_matches_plain(monkeypatch):
 def test_chunks_and_tuned_products_under_bf16_autocast(emulated, monkeypatch):
     if not emulated and gates.bf16_emulated():
         pytest.skip('this host has no bf16 products')
+    take_chunks(monkeypatch)
     monkeypatch.setattr(mixins, 'MLP_CHUNK_TOKENS', 7)
     monkeypatch.setattr(gates, 'bf16_emulated', lambda: emulated)  # either kind of host
     monkeypatch.setattr(products, 'bf16_emulated', lambda: emulated)
@@ -158,6 +165,29 @@ def test_chunks_and_tuned_products_under_bf16_autocast(emulated, monkeypatch):
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         for groups in (1, 5):  # one chunk; three chunks
             assert attention(torch.randn(groups, 9, 16), 3, 3).dtype == torch.bfloat16  # as autocast's proj gives
+
+
+@pytest.mark.parametrize('tuning', ['off', 'measure'])
+def test_a_layer_takes_its_tokens_at_once_or_in_chunks_as_timed(tuning, monkeypatch):
+    """Without tuning, every token at once, as the definition does; with it, whichever was faster."""
+    monkeypatch.setenv('CROSSFORMER_TUNING', tuning)
+    speedups.clear_tuning()  # nothing timed before
+    monkeypatch.setattr(mixins, 'MLP_CHUNK_TOKENS', 7)
+    monkeypatch.setattr(mixins, 'ATTENTION_CHUNK_TOKENS', 18)  # 2 groups of 9 tokens a chunk
+    block = CrossFormerBlock(16, 2, group_size=3).eval()
+    steps = []
+    for cls, method in ((mixins.BlockSpeedups, '_mlp_rows'), (mixins.AttentionSpeedups, '_chunked_forward')):
+        original = getattr(cls, method)
+        monkeypatch.setattr(cls, method, lambda self, *a, original=original, method=method: steps.append(method)
+                            or original(self, *a))
+    x = torch.randn(1, 9, 5, 16)
+    with torch.no_grad():
+        fast, plain = _pair(block, lambda: block(x))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    if tuning == 'off':
+        assert steps == ['_mlp_rows']  # once, with every token: no attention chunks either
+    else:  # both ways timed (four calls each at most), then the faster taken
+        assert 2 <= steps.count('_mlp_rows') <= 9 and 1 <= steps.count('_chunked_forward') <= 4
 
 
 def test_chunks_step_aside_with_grad_and_when_hooked(monkeypatch):
@@ -212,6 +242,7 @@ def test_stem_trains_through_space_to_depth_with_the_same_gradients():
 
 @pytest.mark.parametrize('fused', [True, False])
 def test_chunked_attention_inference_matches_plain(fused, monkeypatch):
+    take_chunks(monkeypatch)
     monkeypatch.setattr(mixins, 'ATTENTION_CHUNK_TOKENS', 27)  # 3 groups of 9 tokens: chunks end short in each image
     attn = GroupAttention(32, 2).eval()
     groups = 7

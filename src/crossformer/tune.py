@@ -53,6 +53,13 @@ def _describe(key: tuple) -> str:
     if key[0] == 'conv':
         _, c, o, kh, kw, sh, sw, *_, dtype, pixels, threads = key
         return f'conv {c}->{o} {kh}x{kw}/{sh}, {dtype}, <={pixels} pixels, {threads} threads'
+    if key[0] == 'mlp_chunks':
+        _, dim, hidden, dtype, tokens, threads = key
+        return f'MLP {dim}->{hidden}->{dim}, <={tokens} tokens at once or in chunks, {dtype}, {threads} threads'
+    if key[0] == 'attention_chunks':
+        _, heads, group, dim, tokens, masked, dtype, threads = key
+        return (f'attention {dim} wide, {heads} heads on {group}-token groups, <={tokens} tokens at once or in '
+                f'chunks{", masked" if masked else ""}, {dtype}, {threads} threads')
     if key[0] == 'attention':
         _, heads, tokens, head_dim, groups, masked, dtype, threads = key
         return (f'attention {heads} heads x {head_dim} on {tokens}-token groups, <={groups} groups'

@@ -10,8 +10,9 @@ a mixin in :mod:`.mixins`.
 ==============================  ===================  ==============================================
 speed-up                        layer                condition
 ==============================  ===================  ==============================================
-token chunks                    GroupAttention,      :func:`~.gates.cpu_inference`: CPU inference
-                                block MLP residual   (eval, no grad, no autocast but emulated bf16)
+token chunks                    GroupAttention,      **measured**: CPU inference (eval, no grad, no
+                                block MLP residual   autocast or bf16 autocast): every token at once
+                                                     or in chunks, whichever was timed faster here
 query blocks of a huge group    GroupAttention       no grad, any device, attention weights over
                                                      ``HUGE_GROUP_BYTES``
 attention kernel: SDPA or       GroupAttention       **measured**: CPU inference where the layer

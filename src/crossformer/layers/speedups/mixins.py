@@ -13,7 +13,7 @@ from .products import conv_paths, conv_product, linear_product, space_to_depth_c
 from .tuning import choose, token_bucket
 
 __all__ = ['AttentionSpeedups', 'BlockSpeedups', 'CrossEmbedSpeedups', 'PosBiasSpeedups', 'gelu_linear',
-           'ATTENTION_CHUNK_TOKENS', 'HUGE_GROUP_BYTES', 'QUERY_BLOCK_BYTES', 'MLP_CHUNK_TOKENS',
+           'ATTENTION_CHUNK_TOKENS', 'HUGE_GROUP_BYTES', 'QUERY_BLOCK_BYTES', 'MLP_CHUNK_TOKENS', 'WHOLE_MAX_BYTES',
            'LEAN_MLP_CHUNK_TOKENS']
 
 # Set on 2 CPU cores (benchmarks/benchmark.py): enough tokens that the matmuls stay efficient,
@@ -24,6 +24,9 @@ ATTENTION_CHUNK_TOKENS = 1536  # tokens of whole groups per chunk of GroupAttent
 HUGE_GROUP_BYTES = 64 * 2 ** 20
 QUERY_BLOCK_BYTES = 4 * 2 ** 20
 MLP_CHUNK_TOKENS = 1024  # tokens per chunk of a block's inference MLP residual
+# Whether a layer's tokens go at once or in chunks is timed (as a product's path), where taking them
+# at once needs at most WHOLE_MAX_BYTES for the MLP's hidden layer, or the attention's q, k and v.
+WHOLE_MAX_BYTES = 256 * 2 ** 20
 LEAN_MLP_CHUNK_TOKENS = 2048  # tokens per chunk of the lean MLP, CPU fp32 training
 
 
@@ -70,10 +73,24 @@ class AttentionSpeedups(Speedup):
     def speedup(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self._huge(x):
             return self._query_blocks(x, group_h, group_w, mask)
-        groups = x.shape[0] if mask is None else mask.shape[0]
         step = self._groups_per_chunk(x, mask)
         if x.shape[0] <= step:
             return self._inference_forward(x, group_h, group_w, mask)
+        if 3 * x.numel() * x.element_size() > WHOLE_MAX_BYTES:  # q, k and v of every group at once: too large
+            return self._chunked_forward(x, group_h, group_w, mask, step)
+        B_, N, C = x.shape
+        key = ('attention_chunks', self.num_heads, N, C, token_bucket(B_ * N), int(mask is not None),
+               str(x.dtype)[6:], torch.get_num_threads())
+        run = lambda p: (self._inference_forward(x, group_h, group_w, mask) if p == 'default'  # noqa: E731
+                         else self._chunked_forward(x, group_h, group_w, mask, step))
+        path, out = choose(key, ('default', 'chunks'), run)  # every group at once, or a few at a time
+        return out if out is not None else run(path)
+
+    @torch.jit.unused
+    def _chunked_forward(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor],
+                         step: int) -> torch.Tensor:
+        """:meth:`_inference_forward` ``step`` groups at a time, never across two images."""
+        groups = x.shape[0] if mask is None else mask.shape[0]
         out: Optional[torch.Tensor] = None
         for start in range(0, x.shape[0], groups):
             for g in range(0, groups, step):
@@ -221,6 +238,15 @@ class BlockSpeedups(Speedup):
         return self._lean_applies()
 
     @torch.jit.unused
+    def _mlp_rows(self, flat: torch.Tensor, step: int) -> torch.Tensor:
+        """``mlp_residual`` of ``(T, C)`` tokens of a plain MLP at inference, ``step`` tokens at a time,
+        fc1 with its GELU and fc2 with the residual add through their tuned paths."""
+        mlp = self.mlp
+        chunks = [linear_product(mlp.fc2, linear_product(mlp.fc1, self.norm2(rows), gelu=True), residual=rows)
+                  for rows in flat.split(step)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    @torch.jit.unused
     def speedup(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             mlp = self.mlp
@@ -229,12 +255,17 @@ class BlockSpeedups(Speedup):
                                  LEAN_MLP_CHUNK_TOKENS if cpu_fp32 else 0)
             return x + self.drop_path2(mlp.drop2(hidden))
         flat = x.reshape(-1, x.shape[-1])
+        tokens = flat.shape[0]
         if self._plain_mlp():  # eval: dropout and drop path are identities
-            mlp = self.mlp
-            step = balanced_step(flat.shape[0], MLP_CHUNK_TOKENS)
-            chunks = [linear_product(mlp.fc2, linear_product(mlp.fc1, self.norm2(rows), gelu=True), residual=rows)
-                      for rows in flat.split(step)]
-            return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).view(x.shape)
+            step = balanced_step(tokens, MLP_CHUNK_TOKENS)
+            hidden_bytes = tokens * self.mlp.fc1.out_features * x.element_size()
+            if step == tokens or hidden_bytes > WHOLE_MAX_BYTES:  # one chunk; or too large to take whole
+                return self._mlp_rows(flat, step).view(x.shape)
+            key = ('mlp_chunks', x.shape[-1], self.mlp.fc1.out_features, str(x.dtype)[6:], token_bucket(tokens),
+                   torch.get_num_threads())
+            run = lambda p: self._mlp_rows(flat, tokens if p == 'default' else step)  # noqa: E731
+            path, out = choose(key, ('default', 'chunks'), run)  # every token at once, or a chunk at a time
+            return (out if out is not None else run(path)).view(x.shape)
         out = torch.empty_like(flat)
         step = balanced_step(flat.shape[0], MLP_CHUNK_TOKENS)
         for start in range(0, flat.shape[0], step):

@@ -37,7 +37,7 @@ import torch
 __all__ = ['choose', 'time_paths', 'tuning_enabled', 'tuned_choices', 'clear_tuning', 'tuning_file', 'host_signature',
            'token_bucket', 'PATHS', 'TUNING_MARGIN', 'TUNING_ROUNDS']
 
-PATHS = ('default', 'onednn', 'fp32', 'space_to_depth', 'explicit')  # every path a product may take; 'default' is torch's
+PATHS = ('default', 'onednn', 'fp32', 'space_to_depth', 'explicit', 'chunks')  # every path a choice may take
 TUNING_MARGIN = 1.05  # a path other than torch's own must be this much faster
 TUNING_ROUNDS = 3  # interleaved timed calls of each candidate, after one untimed call
 HOPELESS_FIRST = 8.  # a path whose untimed call took this many times the default's is not timed
