@@ -43,7 +43,7 @@ def packs_of(model: nn.Module) -> list:
 def force_path(monkeypatch):
     """``force_path(p)``: every tuned product takes path ``p`` where it is offered, else torch's."""
     def force(path: str):
-        monkeypatch.setattr(products, 'choose', lambda key, paths, run: (path if path in paths else 'default', None))
+        monkeypatch.setattr(products, 'choose', lambda key, paths, run, rounds=0: (path if path in paths else 'default', None))
     return force
 
 
@@ -149,7 +149,7 @@ def test_only_plain_linears_without_hooks_are_packed():
 
 @pytest.mark.parametrize('slower', ['onednn', 'default'])
 def test_only_the_chosen_path_keeps_its_pack(slower, monkeypatch):
-    monkeypatch.setattr(tuning, 'time_paths', lambda paths, run: (
+    monkeypatch.setattr(tuning, 'time_paths', lambda paths, run, rounds=3: (
         {p: 2.0 if p == slower else 1.0 for p in paths}, {p: run(p) for p in paths}))
     tuning.clear_tuning()
     layer, conv = linear(), nn.Conv2d(6, 5, 4, 2, padding=1)

@@ -30,7 +30,7 @@ def timed(monkeypatch):
     def install(seconds):
         calls = []
 
-        def time_paths(paths, run):
+        def time_paths(paths, run, rounds=tuning.TUNING_ROUNDS):
             calls.append(tuple(paths))
             return {p: seconds[p] for p in paths}, {p: run(p) for p in paths}
         monkeypatch.setattr(tuning, 'time_paths', time_paths)

@@ -70,7 +70,8 @@ def _describe(key: tuple) -> str:
 def format_choices(rows: List[Dict]) -> str:
     """The runs and every choice of this process as text: which path each product takes, and the
     fewest milliseconds of each path it was timed against."""
-    lines = ['| dtype | batch | size | first call s (tuning) | second call s | new choices |', '|---|---:|---|---:|---:|---:|']
+    lines = ['| dtype | batch | size | first call s (tuning) | second call s | new choices |',
+             '|---|---:|---|---:|---:|---:|']
     lines += [f'| {r["dtype"]} | {r["batch"]} | {r["size"][0]}x{r["size"][1]} | {r["first_s"]:.2f} '
               f'| {r["second_s"]:.2f} | {r["new_choices"]} |' for r in rows]
     lines += ['', '| product | path | fewest ms of each path timed |', '|---|---|---|']

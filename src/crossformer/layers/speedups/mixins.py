@@ -10,7 +10,7 @@ from torch import nn
 from .caches import dpb_cache
 from .gates import Speedup, cpu_inference, has_hooks, plain, submodules
 from .products import conv_paths, conv_product, linear_product, space_to_depth_conv, space_to_depth_fits
-from .tuning import choose, token_bucket
+from .tuning import LAYER_TUNING_ROUNDS, choose, token_bucket
 
 __all__ = ['AttentionSpeedups', 'BlockSpeedups', 'CrossEmbedSpeedups', 'PosBiasSpeedups', 'gelu_linear',
            'ATTENTION_CHUNK_TOKENS', 'HUGE_GROUP_BYTES', 'QUERY_BLOCK_BYTES', 'MLP_CHUNK_TOKENS', 'WHOLE_MAX_BYTES',
@@ -83,7 +83,7 @@ class AttentionSpeedups(Speedup):
                str(x.dtype)[6:], torch.get_num_threads())
         run = lambda p: (self._inference_forward(x, group_h, group_w, mask) if p == 'default'  # noqa: E731
                          else self._chunked_forward(x, group_h, group_w, mask, step))
-        path, out = choose(key, ('default', 'chunks'), run)  # every group at once, or a few at a time
+        path, out = choose(key, ('default', 'chunks'), run, LAYER_TUNING_ROUNDS)  # all groups at once, or a few
         return out if out is not None else run(path)
 
     @torch.jit.unused
@@ -125,9 +125,9 @@ class AttentionSpeedups(Speedup):
         B_, heads, N, head_dim = q.shape
         key = ('attention', heads, N, head_dim, token_bucket(B_), int(mask is not None), str(q.dtype)[6:],
                torch.get_num_threads())
-        path, out = choose(key, ('default', 'explicit'),
-                           lambda p: self.attention(q, k, v, bias, mask, 0., fused=p == 'default'))
-        return out if out is not None else self.attention(q, k, v, bias, mask, 0., fused=path == 'default')
+        run = lambda p: self.attention(q, k, v, bias, mask, 0., fused=p == 'default')  # noqa: E731
+        path, out = choose(key, ('default', 'explicit'), run, LAYER_TUNING_ROUNDS)
+        return out if out is not None else run(path)
 
     @torch.jit.unused
     def _query_blocks(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -264,7 +264,7 @@ class BlockSpeedups(Speedup):
             key = ('mlp_chunks', x.shape[-1], self.mlp.fc1.out_features, str(x.dtype)[6:], token_bucket(tokens),
                    torch.get_num_threads())
             run = lambda p: self._mlp_rows(flat, tokens if p == 'default' else step)  # noqa: E731
-            path, out = choose(key, ('default', 'chunks'), run)  # every token at once, or a chunk at a time
+            path, out = choose(key, ('default', 'chunks'), run, LAYER_TUNING_ROUNDS)  # all tokens at once, or chunks
             return (out if out is not None else run(path)).view(x.shape)
         out = torch.empty_like(flat)
         step = balanced_step(flat.shape[0], MLP_CHUNK_TOKENS)

@@ -73,7 +73,8 @@ def _bf16_products_outrun_fp32(threads: int) -> bool:
     generator = torch.Generator().manual_seed(0)  # the process's random stream stays the user's
     a, b = (torch.randn(256, 256, generator=generator).bfloat16() for _ in range(2))
     with torch.no_grad(), torch.autocast('cpu', enabled=False):
-        seconds, _ = time_paths(('default', 'fp32'), lambda p: a @ b if p == 'default' else (a.float() @ b.float()).bfloat16())
+        seconds, _ = time_paths(('default', 'fp32'),
+                                lambda p: a @ b if p == 'default' else (a.float() @ b.float()).bfloat16())
     return seconds['fp32'] > 2 * seconds['default']
 
 

@@ -35,11 +35,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ['choose', 'time_paths', 'tuning_enabled', 'tuned_choices', 'clear_tuning', 'tuning_file', 'host_signature',
-           'token_bucket', 'PATHS', 'TUNING_MARGIN', 'TUNING_ROUNDS']
+           'token_bucket', 'PATHS', 'TUNING_MARGIN', 'TUNING_ROUNDS', 'LAYER_TUNING_ROUNDS']
 
 PATHS = ('default', 'onednn', 'fp32', 'space_to_depth', 'explicit', 'chunks')  # every path a choice may take
 TUNING_MARGIN = 1.05  # a path other than torch's own must be this much faster
 TUNING_ROUNDS = 3  # interleaved timed calls of each candidate, after one untimed call
+LAYER_TUNING_ROUNDS = 2  # the same for a whole layer's choices (chunks, attention kernel): each call costs more
 HOPELESS_FIRST = 8.  # a path whose untimed call took this many times the default's is not timed
 HOPELESS = 1.5  # a path this many times slower than the best after a timed round is timed no more
 MAX_FILE_BYTES = 1 << 20
@@ -213,9 +214,10 @@ class _Choices:
 _choices = _Choices()
 
 
-def time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
-    """The fewest seconds ``run(path)`` took for each path over up to :data:`TUNING_ROUNDS` interleaved
-    calls after an untimed one (which packs a weight), and each path's last output.
+def time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor],
+               rounds: int = TUNING_ROUNDS) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+    """The fewest seconds ``run(path)`` took for each path over up to ``rounds`` interleaved calls after
+    an untimed one (which packs a weight, or times the products inside), and each path's last output.
 
     The minimum, not the median: a product computes the same each time, so whatever else the host
     runs can only add to its time, and a busy neighbour inflates a few calls, rarely all of them.
@@ -231,7 +233,7 @@ def time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tupl
         first[path] = time.perf_counter() - start
     alive = [p for p in paths if p == 'default' or first[p] < HOPELESS_FIRST * first['default']]
     timed: Dict[str, List[float]] = {path: [] for path in paths}
-    for _ in range(TUNING_ROUNDS):
+    for _ in range(rounds):
         if len(alive) == 1:
             break
         for path in alive:
@@ -243,7 +245,8 @@ def time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tupl
     return {p: min(timed[p]) if timed[p] else first[p] for p in paths}, outputs
 
 
-def choose(key: Key, paths: Sequence[str], run: Callable[[str], torch.Tensor]) -> Tuple[str, Optional[torch.Tensor]]:
+def choose(key: Key, paths: Sequence[str], run: Callable[[str], torch.Tensor],
+           rounds: int = TUNING_ROUNDS) -> Tuple[str, Optional[torch.Tensor]]:
     """The path for ``key`` among ``paths`` (``'default'`` first), and, when they were timed just now
     (``run(path)`` computes the product through ``path``), the chosen path's output; else None,
     and the caller runs the path.
@@ -253,7 +256,7 @@ def choose(key: Key, paths: Sequence[str], run: Callable[[str], torch.Tensor]) -
     path = _choices.get(key)
     if path is not None and path in paths:
         return path, None
-    seconds, outputs = time_paths(paths, run)
+    seconds, outputs = time_paths(paths, run, rounds)
     fastest = min(seconds, key=seconds.get)
     path = fastest if seconds[fastest] * TUNING_MARGIN < seconds['default'] else 'default'
     outputs = {p: out for p, out in outputs.items() if p == path}
