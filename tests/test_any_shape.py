@@ -1,7 +1,6 @@
 """Strips and panoramas: a whole-map group costs its real tokens, huge groups run in bounded memory,
 and the caches stay within their stated bounds in bytes, also under threads."""
 import gc
-import threading
 
 import pytest
 import timm
@@ -10,6 +9,7 @@ import torch
 from crossformer import set_speedups
 from crossformer.layers import CrossFormerBlock, GroupAttention, speedups
 from crossformer.layers.speedups import caches, mixins
+from threads import run_in_threads
 
 hypothesis = pytest.importorskip('hypothesis')
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -150,21 +150,13 @@ def test_four_threads_sharing_a_model_give_what_one_thread_gives(monkeypatch):
     images = [torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(i)) for i, (h, w) in enumerate(STREAM[:6])]
     with torch.no_grad():
         expected = [model(x) for x in images]
-    results, errors = {}, []
+    results = {}
 
     def work(t):
-        try:
-            with torch.no_grad():
-                for i in range(len(images)):
-                    j = (i + 3 * t) % len(images)
-                    results[t, j] = model(images[j])
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        with torch.no_grad():
+            for i in range(len(images)):
+                j = (i + 3 * t) % len(images)
+                results[t, j] = model(images[j])
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert run_in_threads(work, [(t,) for t in range(4)]) == []
     assert all(torch.equal(results[t, j], expected[j]) for t in range(4) for j in range(len(images)))

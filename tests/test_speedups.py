@@ -130,8 +130,8 @@ def test_lean_mlp_under_autocast_gives_grads_in_parameter_dtype():
 
 def take_chunks(monkeypatch):
     """Layers take their tokens in chunks, whatever timing would say (the other choices: the default)."""
-    monkeypatch.setattr(mixins, 'choose',
-                        lambda key, paths, run, rounds=0: ('chunks' if 'chunks' in paths else 'default', None))
+    monkeypatch.setattr(mixins, 'run_chosen',
+                        lambda key, paths, run, rounds=0: run('chunks' if 'chunks' in paths else 'default'))
 
 
 def test_chunked_mlp_inference_matches_plain(monkeypatch):

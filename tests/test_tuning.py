@@ -3,7 +3,6 @@ when it wins by the margin, timed once per key, kept on disk per host, a damaged
 ignored with one warning, and every choice computing the definition's numbers."""
 import json
 import os
-import threading
 import time
 import warnings
 
@@ -13,6 +12,7 @@ import torch
 
 from crossformer import set_speedups
 from crossformer.layers.speedups import tuning
+from threads import run_in_threads
 
 
 @pytest.fixture
@@ -171,23 +171,14 @@ def test_threads_tuning_one_model_give_the_definition(cache_dir):
     images = [torch.randn(1, 3, 32 * (i + 2), 48) for i in range(3)]
     with torch.no_grad():
         expected = [plain(x) for x in images]
-    errors = []
 
     def work(t):
-        try:
-            with torch.no_grad():
-                for i in range(len(images)):
-                    j = (i + t) % len(images)
-                    torch.testing.assert_close(model(images[j]), expected[j], atol=1e-5, rtol=0)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        with torch.no_grad():
+            for i in range(len(images)):
+                j = (i + t) % len(images)
+                torch.testing.assert_close(model(images[j]), expected[j], atol=1e-5, rtol=0)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert run_in_threads(work, [(t,) for t in range(3)]) == []
     kinds = {k[0] for k, _, _ in tuning.tuned_choices()}
     assert kinds == {'linear', 'conv', 'attention'}  # products, and SDPA against explicit attention
     assert json.loads(tuning.tuning_file().read_text())['choices']  # kept for the next process

@@ -10,7 +10,7 @@ from torch import nn
 from .caches import dpb_cache
 from .gates import Speedup, cpu_inference, has_hooks, plain, submodules
 from .products import conv_paths, conv_product, linear_product, space_to_depth_conv, space_to_depth_fits
-from .tuning import LAYER_TUNING_ROUNDS, choose, token_bucket
+from .tuning import LAYER_TUNING_ROUNDS, dtype_name, run_chosen, token_bucket
 
 __all__ = ['AttentionSpeedups', 'BlockSpeedups', 'CrossEmbedSpeedups', 'PosBiasSpeedups', 'gelu_linear',
            'ATTENTION_CHUNK_TOKENS', 'HUGE_GROUP_BYTES', 'QUERY_BLOCK_BYTES', 'MLP_CHUNK_TOKENS', 'WHOLE_MAX_BYTES',
@@ -80,11 +80,10 @@ class AttentionSpeedups(Speedup):
             return self._chunked_forward(x, group_h, group_w, mask, step)
         B_, N, C = x.shape
         key = ('attention_chunks', self.num_heads, N, C, token_bucket(B_ * N), int(mask is not None),
-               str(x.dtype)[6:], torch.get_num_threads())
-        run = lambda p: (self._inference_forward(x, group_h, group_w, mask) if p == 'default'  # noqa: E731
-                         else self._chunked_forward(x, group_h, group_w, mask, step))
-        path, out = choose(key, ('default', 'chunks'), run, LAYER_TUNING_ROUNDS)  # all groups at once, or a few
-        return out if out is not None else run(path)
+               dtype_name(x.dtype), torch.get_num_threads())
+        return run_chosen(key, ('default', 'chunks'),  # all groups at once, or a few at a time
+                          lambda p: (self._inference_forward(x, group_h, group_w, mask) if p == 'default'
+                                     else self._chunked_forward(x, group_h, group_w, mask, step)), LAYER_TUNING_ROUNDS)
 
     @torch.jit.unused
     def _chunked_forward(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor],
@@ -123,11 +122,10 @@ class AttentionSpeedups(Speedup):
         if not self.fused_attn:
             return self.attention(q, k, v, bias, mask, 0.)
         B_, heads, N, head_dim = q.shape
-        key = ('attention', heads, N, head_dim, token_bucket(B_), int(mask is not None), str(q.dtype)[6:],
+        key = ('attention', heads, N, head_dim, token_bucket(B_), int(mask is not None), dtype_name(q.dtype),
                torch.get_num_threads())
-        run = lambda p: self.attention(q, k, v, bias, mask, 0., fused=p == 'default')  # noqa: E731
-        path, out = choose(key, ('default', 'explicit'), run, LAYER_TUNING_ROUNDS)
-        return out if out is not None else run(path)
+        return run_chosen(key, ('default', 'explicit'),
+                          lambda p: self.attention(q, k, v, bias, mask, 0., fused=p == 'default'), LAYER_TUNING_ROUNDS)
 
     @torch.jit.unused
     def _query_blocks(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -261,11 +259,11 @@ class BlockSpeedups(Speedup):
             hidden_bytes = tokens * self.mlp.fc1.out_features * x.element_size()
             if step == tokens or hidden_bytes > WHOLE_MAX_BYTES:  # one chunk; or too large to take whole
                 return self._mlp_rows(flat, step).view(x.shape)
-            key = ('mlp_chunks', x.shape[-1], self.mlp.fc1.out_features, str(x.dtype)[6:], token_bucket(tokens),
+            key = ('mlp_chunks', x.shape[-1], self.mlp.fc1.out_features, dtype_name(x.dtype), token_bucket(tokens),
                    torch.get_num_threads())
-            run = lambda p: self._mlp_rows(flat, tokens if p == 'default' else step)  # noqa: E731
-            path, out = choose(key, ('default', 'chunks'), run, LAYER_TUNING_ROUNDS)  # all tokens at once, or chunks
-            return (out if out is not None else run(path)).view(x.shape)
+            return run_chosen(key, ('default', 'chunks'),  # all tokens at once, or a chunk at a time
+                              lambda p: self._mlp_rows(flat, tokens if p == 'default' else step),
+                              LAYER_TUNING_ROUNDS).view(x.shape)
         out = torch.empty_like(flat)
         step = balanced_step(flat.shape[0], MLP_CHUNK_TOKENS)
         for start in range(0, flat.shape[0], step):

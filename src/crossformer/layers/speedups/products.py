@@ -22,12 +22,12 @@ from torch import nn
 
 from ...errors import ConfigError
 from .gates import bf16_emulated, plain, plain_tensor, product_dtype
-from .tuning import choose, time_paths, token_bucket
+from .tuning import choose, dtype_name, time_paths, token_bucket
 
 __all__ = ['linear_product', 'conv_product', 'packable', 'packed_weight', 'drop_packs', 'space_to_depth_conv',
            'space_to_depth_fits', 'linear_paths', 'conv_paths']
 
-_DTYPE_NAMES = {torch.float32: 'float32', torch.bfloat16: 'bfloat16'}
+_PRODUCT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @torch.jit.unused
@@ -43,7 +43,8 @@ def packable(layer: nn.Module, cls: type, x: torch.Tensor) -> bool:
         return False
     weight, bias = layer.weight, layer.bias
     return (plain_tensor(weight) and (bias is None or plain_tensor(bias))
-            and x.dtype in _DTYPE_NAMES and weight.dtype in _DTYPE_NAMES and product_dtype(layer, x) in _DTYPE_NAMES
+            and x.dtype in _PRODUCT_DTYPES and weight.dtype in _PRODUCT_DTYPES
+            and product_dtype(layer, x) in _PRODUCT_DTYPES
             and weight.layout == torch.strided
             and not weight.is_inference()  # no version counter: a change could not be seen
             and _onednn_available() and torch._C._get_mkldnn_enabled())
@@ -103,7 +104,7 @@ def linear_product(layer: nn.Linear, x: torch.Tensor, gelu: bool = False,
             return _linear(layer, x, gelu, residual, 'default')
         dtype = product_dtype(layer, x)
         key = ('linear', layer.in_features, layer.out_features, int(layer.bias is not None),
-               'gelu' if gelu else 'add' if residual is not None else 'none', _DTYPE_NAMES[dtype],
+               'gelu' if gelu else 'add' if residual is not None else 'none', dtype_name(dtype),
                token_bucket(x.numel() // max(1, x.shape[-1])), torch.get_num_threads())
         path, out = choose(key, paths, lambda p: _linear(layer, x, gelu, residual, p))
         if out is not None:  # timed just now: the packs of the paths not taken go
@@ -199,7 +200,7 @@ def conv_product(conv: nn.Conv2d, x: torch.Tensor, path: Optional[str] = None) -
         B, C, H, W = x.shape
         dtype = product_dtype(conv, x)
         key = ('conv', C, conv.out_channels, *conv.kernel_size, *conv.stride, *conv.padding, conv.groups,
-               int(conv.bias is not None), _DTYPE_NAMES[dtype], token_bucket(B * H * W), torch.get_num_threads())
+               int(conv.bias is not None), dtype_name(dtype), token_bucket(B * H * W), torch.get_num_threads())
         path, out = choose(key, paths, lambda p: _conv(conv, x, p))
         if out is not None:
             _drop_packs_but(conv, dtype, path)

@@ -34,8 +34,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['choose', 'time_paths', 'tuning_enabled', 'tuned_choices', 'clear_tuning', 'tuning_file', 'host_signature',
-           'token_bucket', 'PATHS', 'TUNING_MARGIN', 'TUNING_ROUNDS', 'LAYER_TUNING_ROUNDS']
+__all__ = ['choose', 'run_chosen', 'dtype_name', 'time_paths', 'tuning_enabled', 'tuned_choices', 'clear_tuning',
+           'tuning_file', 'host_signature', 'token_bucket', 'PATHS', 'TUNING_MARGIN', 'TUNING_ROUNDS', 'LAYER_TUNING_ROUNDS']
 
 PATHS = ('default', 'onednn', 'fp32', 'space_to_depth', 'explicit', 'chunks')  # every path a choice may take
 TUNING_MARGIN = 1.05  # a path other than torch's own must be this much faster
@@ -262,6 +262,19 @@ def choose(key: Key, paths: Sequence[str], run: Callable[[str], torch.Tensor],
     outputs = {p: out for p, out in outputs.items() if p == path}
     _choices.put(key, path, seconds)
     return path, outputs[path]
+
+
+def run_chosen(key: Key, paths: Sequence[str], run: Callable[[str], torch.Tensor],
+               rounds: int = TUNING_ROUNDS) -> torch.Tensor:
+    """``run(path)`` for the path :func:`choose` takes for ``key`` (its output from the timing, when
+    it was timed just now)."""
+    path, out = choose(key, paths, run, rounds)
+    return out if out is not None else run(path)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``'float32'`` for ``torch.float32``: a dtype as a key holds it."""
+    return str(dtype).rpartition('.')[2]
 
 
 def tuned_choices() -> List[Tuple[Key, str, Dict[str, float]]]:
