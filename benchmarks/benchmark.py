@@ -541,12 +541,14 @@ def section_export(args, device):
     """``torch.export.export`` time of each model at ``--batch`` x ``--size``, static and dynamic
     (batch, height and width ``Dim.AUTO``, sizes of 1 size-oblivious as the ONNX exporter takes
     them), beside timm's swin_tiny and convnext_atto; then whether the dynamic program still runs
-    (and matches eager) at two other sizes. One export each: compile caches do not carry over."""
+    (and matches eager) at two other sizes. CrossFormers also export from `grouped_min_size()` up,
+    where no block needs a `torch.cond`. One export each: compile caches do not carry over."""
     from torch.export import Dim
     print(f'\n## export: seconds of torch.export.export, batch {args.batch}, {args.size}x{args.size}, '
           f'{torch.get_num_threads()} threads; dynamic = batch, height, width Dim.AUTO')
-    print('| model | static s | dynamic s | dynamic program at 97x131, 64x960: max abs diff or failure |')
-    print('|---|---:|---:|---|')
+    print('| model | static s | dynamic s | dynamic from grouped_min_size() s | dynamic program at 97x131, 64x960: '
+          'max abs diff or failure |')
+    print('|---|---:|---:|---:|---|')
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     for name in list(args.models) + [m for m in EXPORT_BASELINES if m not in args.models]:
         model = timm.create_model(name, **({'dynamic_img_size': True} if name == SWIN else {})).to(device).eval()
@@ -558,9 +560,17 @@ def section_export(args, device):
             with torch.fx.experimental._config.patch(backed_size_oblivious=True):
                 program = torch.export.export(model, (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},))
         except Exception as e:  # a baseline that cannot be exported dynamically is a result too
-            print(f'| {name} | {static:.1f} | failed after {time.perf_counter() - start:.1f} | {type(e).__name__} |')
+            print(f'| {name} | {static:.1f} | failed after {time.perf_counter() - start:.1f} | | {type(e).__name__} |')
             continue
         dynamic = time.perf_counter() - start
+        bounded = ''
+        if hasattr(model, 'grouped_min_size'):  # sizes where every stage is in G x G groups: no torch.cond
+            low = max(model.grouped_min_size(), args.size)
+            start = time.perf_counter()
+            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                torch.export.export(model, (torch.randn(args.batch, 3, low, low, device=device),), dynamic_shapes=(
+                    {0: Dim('batch'), 2: Dim('height', min=low), 3: Dim('width', min=low)},))
+            bounded = f'{time.perf_counter() - start:.1f}'
         checks = []
         for h, w in ((97, 131), (64, 960)):
             y = torch.randn(1, 3, h, w, device=device)
@@ -569,7 +579,7 @@ def section_export(args, device):
                     checks.append(f'{(program.module()(y) - model(y)).abs().max().item():.1e}')
             except Exception as e:
                 checks.append(type(e).__name__ + ': ' + str(e).splitlines()[0][:60])
-        print(f'| {name} | {static:.1f} | {dynamic:.1f} | {", ".join(checks)} |')
+        print(f'| {name} | {static:.1f} | {dynamic:.1f} | {bounded} | {", ".join(checks)} |')
 
 
 SECTIONS = {'gmacs': section_gmacs, 'eval': section_eval, 'train': section_train, 'scaling': section_scaling,

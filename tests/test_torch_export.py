@@ -1,6 +1,6 @@
 """``torch.export`` with dynamic batch, height and width, and the paths built on it.
 
-A block chooses its layout with ``torch.cond`` when sizes are symbolic (one whole-map group when
+A block chooses its layout with ``torch.cond`` when the sizes leave it open (one whole-map group when
 the short side is at most G, else padded G x G groups), so one program serves every size: it is
 compared with eager at a 1x1 image, strips, odd sizes and the export size. The dynamo ONNX
 exporter runs in onnxruntime; AOTInductor compiles the same program. A two-stage model keeps the
@@ -64,6 +64,21 @@ def test_exported_program_has_no_size_guards(program):
     assert len(conds) == 3  # one per block
 
 
+def test_sizes_bounded_below_export_without_cond(model):
+    """From 25 pixels up every map of TINY is in padded groups (7x7 then 4x4 at 25x25): the export
+    knows it from the range and traces the grid layout alone, exact at other sizes in range."""
+    low = model.grouped_min_size()
+    assert low == 25
+    dims = ({0: Dim('batch'), 2: Dim('height', min=low), 3: Dim('width', min=low)},)
+    with size_oblivious():
+        program = torch.export.export(model, (torch.randn(*SAMPLE),), dynamic_shapes=dims)
+    assert not program.graph_module.graph.find_nodes(op='call_function', target=torch.ops.higher_order.cond)
+    for size in [(1, 25, 25), (1, 97, 131), (3, 48, 48)]:
+        x = _images(*size)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 class _MlpResidual(torch.nn.Module):
     def __init__(self, block):
         super().__init__()
@@ -77,8 +92,7 @@ class _MlpResidual(torch.nn.Module):
 def test_speedups_step_aside_under_export(model, strict, monkeypatch):
     """Every speed-up asks ``capturing()`` first; under export it must answer True, or the program
     would hold eager-only paths (packed weights, chunks) traced at the sample size. Checked on the
-    stem and a block's MLP (the attention's speed-ups run inside ``torch.cond``, which dynamo traces,
-    and where a recording spy would be a forbidden side effect)."""
+    stem and a block's MLP (the attention's run inside the branches of ``torch.cond``)."""
     seen = []
     original = gates._capturing_in_python
     monkeypatch.setattr(gates, '_capturing_in_python', lambda: seen.append(original()) or seen[-1])

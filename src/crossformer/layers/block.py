@@ -1,11 +1,13 @@
 """CrossFormer block (SDA or LDA attention + MLP, optional activation cooling) and stage."""
-from typing import Optional, Sequence, Type, Union
+from typing import Callable, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath, Mlp, to_ntuple
 from timm.models._manipulate import checkpoint_seq
+from torch._higher_order_ops.cond import cond_op  # torch.cond without its dynamo pass
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..errors import ConfigError
 from .attention import GroupAttention
@@ -73,11 +75,14 @@ class CrossFormerBlock(BlockSpeedups, nn.Module):
         """SDA or LDA over the groups of a ``(B, H, W, C)`` map, padded to the group grid and cropped back."""
         B, H, W, C = x.shape
         if not torch.jit.is_scripting() and symbolic_sizes(H, W):
-            # torch.export: the choice of layout is part of the graph (torch.compile's dynamo shows
-            # sizes as ints, so it decides in Python and recompiles per layout). Each branch returns
-            # its (B, H, W, C) result flat, so that torch.cond has no strides to reconcile.
-            x = torch.cond(is_whole_map(H, W, self.group_size), self.attend_whole, self.attend_grid, (x,))
-            return x.view(B, H, W, C)
+            # torch.export: the choice of layout is part of the graph where the sizes leave it open
+            # (torch.compile's dynamo shows sizes as ints, so it decides in Python and recompiles per layout)
+            whole = is_whole_map(H, W, self.group_size)
+            if statically_known_true(whole):
+                return self.attend_whole(x).view(B, H, W, C)
+            if statically_known_true(torch.sym_not(whole)):
+                return self.attend_grid(x).view(B, H, W, C)
+            return self.attend_either(x).view(B, H, W, C)
         Gh, Gw, I, Hp, Wp = group_layout(H, W, self.group_size, self.interval)
         return self.attend_groups(x, Gh, Gw, I, Hp, Wp, padding_mask(H, W, Gh, Gw, I, Hp, Wp, x.device))
 
@@ -92,18 +97,43 @@ class CrossFormerBlock(BlockSpeedups, nn.Module):
         return x[:, :H, :W] if mask is not None else x
 
     @torch.jit.unused
-    def attend_whole(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`attend` of a map whose short side is at most G, one group of its ``H x W`` tokens; flat."""
-        B, H, W, C = x.shape
-        return self.attend_groups(x, H, W, 1, H, W, None).reshape(-1)
+    def attend_either(self, x: torch.Tensor) -> torch.Tensor:
+        """``cond(min(H, W) <= G, attend_whole, attend_grid)`` on a ``(B, H, W, C)`` map; flat.
+
+        The cond is traced as the higher-order op itself: ``torch.cond`` would first run dynamo
+        over both branches, which took half an export. What dynamo would add, lifting the tensors
+        a branch reads into operands, is done here for the attention's parameters.
+        """
+        names, params = zip(*self.attn.named_parameters())
+
+        def branch(attend_layout):
+            def run(x, *params):
+                def attention(tokens, group_h, group_w, mask):
+                    return torch.func.functional_call(self.attn, dict(zip(names, params)), (tokens, group_h, group_w, mask))
+                return (attend_layout(x, attention),)  # a tuple, as dynamo would return it
+            return run
+
+        whole = is_whole_map(x.shape[1], x.shape[2], self.group_size)
+        return cond_op(whole, branch(self.attend_whole), branch(self.attend_grid), (x, *params))[0]
 
     @torch.jit.unused
-    def attend_grid(self, x: torch.Tensor) -> torch.Tensor:
+    def attend_whole(self, x: torch.Tensor, attention: Optional[Callable] = None) -> torch.Tensor:
+        """:meth:`attend` of a map whose short side is at most G, one group of its ``H x W`` tokens; flat.
+
+        ``attention(tokens, Gh, Gw, mask)`` is ``self.attn`` unless given.
+        """
+        B, H, W, C = x.shape
+        attention = attention or self.attn
+        return ungroup_tokens(attention(group_tokens(x, H, W, 1), H, W, None), H, W, 1, H, W).reshape(-1)
+
+    @torch.jit.unused
+    def attend_grid(self, x: torch.Tensor, attention: Optional[Callable] = None) -> torch.Tensor:
         """:meth:`attend` in ``G x G`` groups, always padded and masked (a zero pad changes nothing); flat."""
         B, H, W, C = x.shape
+        attention = attention or self.attn
         Gh, Gw, I, Hp, Wp = grid_layout(H, W, self.group_size, self.interval)
         x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
-        x = self.attn(group_tokens(x, Gh, Gw, I), Gh, Gw, key_padding_mask(H, W, Gh, Gw, I, Hp, Wp, x.device))
+        x = attention(group_tokens(x, Gh, Gw, I), Gh, Gw, key_padding_mask(H, W, Gh, Gw, I, Hp, Wp, x.device))
         x = ungroup_tokens(x, Gh, Gw, I, Hp, Wp)
         # cropped by gathering rows and columns: a new tensor of exactly H x W (a slice's size would be
         # min(H, Hp), its strides those of the padded map), as attend_whole returns

@@ -206,6 +206,15 @@ class CrossFormer(nn.Module):
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def grouped_min_size(self) -> int:
+        """The smallest image side at which every stage attends in ``G x G`` groups, never in one
+        whole-map group: ``max_i(G_i * r_i) + 1`` (225 for the published variants).
+
+        A ``torch.export`` whose height and width ``Dim`` start there holds no ``torch.cond``.
+        """
+        return max(stage.blocks[0].group_size * info['reduction']
+                   for stage, info in zip(self.layers, self.feature_info)) + 1
+
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
