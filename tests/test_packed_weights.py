@@ -162,6 +162,27 @@ def test_only_the_chosen_path_keeps_its_pack(slower, monkeypatch):
     tuning.clear_tuning()
 
 
+def test_a_pack_chosen_at_one_size_survives_timing_at_another(monkeypatch):
+    """A server's sizes in turn: where 37 tokens chose the pack and 300 tokens torch's own product,
+    timing at 300 keeps the pack 37 tokens use, so it is not packed again at each change of size."""
+    def timing(paths, run, rounds=3):  # the pack wins on few tokens, torch's product on many
+        outputs = {p: run(p) for p in paths}
+        fastest = 'onednn' if len(next(iter(outputs.values()))) < 100 else 'default'
+        return {p: 1.0 if p == fastest else 2.0 for p in paths}, outputs
+
+    monkeypatch.setattr(tuning, 'time_paths', timing)
+    tuning.clear_tuning()
+    layer = linear()
+    small, large = torch.randn(37, 24), torch.randn(300, 24)
+    packs = []
+    with torch.no_grad():
+        for x in (small, large, small, large):
+            torch.testing.assert_close(products.linear_product(layer, x), layer(x), atol=1e-5, rtol=0)
+            packs.append(id(products._packed_weights[layer][torch.float32, 'onednn'].weight))
+    assert len(set(packs)) == 1
+    tuning.clear_tuning()
+
+
 def test_a_hooked_mlp_keeps_its_forward_and_is_not_packed():
     block = CrossFormerBlock(32, 2).eval()
     calls = []

@@ -107,8 +107,8 @@ def linear_product(layer: nn.Linear, x: torch.Tensor, gelu: bool = False,
                'gelu' if gelu else 'add' if residual is not None else 'none', dtype_name(dtype),
                token_bucket(x.numel() // max(1, x.shape[-1])), torch.get_num_threads())
         path, out = choose(key, paths, lambda p: _linear(layer, x, gelu, residual, p))
-        if out is not None:  # timed just now: the packs of the paths not taken go
-            _drop_packs_but(layer, dtype, path)
+        if out is not None:  # timed just now: the packs of paths never taken go
+            _keep_chosen_packs(layer, dtype, path)
             return out
     elif path not in paths:
         raise ConfigError(f'path {path!r} is not one of {paths} for this product')
@@ -203,7 +203,7 @@ def conv_product(conv: nn.Conv2d, x: torch.Tensor, path: Optional[str] = None) -
                int(conv.bias is not None), dtype_name(dtype), token_bucket(B * H * W), torch.get_num_threads())
         path, out = choose(key, paths, lambda p: _conv(conv, x, p))
         if out is not None:
-            _drop_packs_but(conv, dtype, path)
+            _keep_chosen_packs(conv, dtype, path)
             return out
     elif path not in paths:
         raise ConfigError(f'path {path!r} is not one of {paths} for this convolution')
@@ -242,18 +242,27 @@ def _weight_layout(weight: torch.Tensor) -> tuple:
     return weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype, weight._version
 
 
+# The (dtype, path) pairs that timing chose for a layer, at any input size: their packs stay.
+_chosen_paths: 'weakref.WeakKeyDictionary[nn.Module, set]' = weakref.WeakKeyDictionary()
+
+
 def drop_packs(module: nn.Module) -> None:
     """Forget ``module``'s packed weights."""
     with _packs_lock:
         _packed_weights.pop(module, None)
+        _chosen_paths.pop(module, None)
 
 
-def _drop_packs_but(layer: nn.Module, dtype: torch.dtype, path: str) -> None:
-    """Forget ``layer``'s packs for ``dtype`` of every path but ``path``."""
+def _keep_chosen_packs(layer: nn.Module, dtype: torch.dtype, path: str) -> None:
+    """After timing chose ``path`` for a product in ``dtype``: forget ``layer``'s packs that no
+    choice of it takes (a path chosen at another input size keeps its pack, so that sizes in turn
+    do not pack a weight again and again)."""
     with _packs_lock:
+        chosen = _chosen_paths.setdefault(layer, set())
+        chosen.add((dtype, path))
         packs = _packed_weights.get(layer)
         if packs:
-            for key in [k for k in packs if k[0] == dtype and k[1] != path]:
+            for key in [k for k in packs if k not in chosen]:
                 del packs[key]
 
 
