@@ -10,7 +10,7 @@ from torch import nn
 from .caches import dpb_cache
 from .gates import Speedup, cpu_inference, has_hooks, plain, submodules
 from .products import conv_paths, conv_product, linear_product, space_to_depth_conv, space_to_depth_fits
-from .tuning import LAYER_TUNING_ROUNDS, dtype_name, run_chosen, token_bucket
+from .tuning import dtype_name, run_chosen, token_bucket
 
 __all__ = ['AttentionSpeedups', 'BlockSpeedups', 'CrossEmbedSpeedups', 'PosBiasSpeedups', 'gelu_linear',
            'ATTENTION_CHUNK_TOKENS', 'HUGE_GROUP_BYTES', 'QUERY_BLOCK_BYTES', 'MLP_CHUNK_TOKENS', 'WHOLE_MAX_BYTES',
@@ -83,7 +83,7 @@ class AttentionSpeedups(Speedup):
                dtype_name(x.dtype), torch.get_num_threads())
         return run_chosen(key, ('default', 'chunks'),  # all groups at once, or a few at a time
                           lambda p: (self._inference_forward(x, group_h, group_w, mask) if p == 'default'
-                                     else self._chunked_forward(x, group_h, group_w, mask, step)), LAYER_TUNING_ROUNDS)
+                                     else self._chunked_forward(x, group_h, group_w, mask, step)))
 
     @torch.jit.unused
     def _chunked_forward(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor],
@@ -125,7 +125,7 @@ class AttentionSpeedups(Speedup):
         key = ('attention', heads, N, head_dim, token_bucket(B_), int(mask is not None), dtype_name(q.dtype),
                torch.get_num_threads())
         return run_chosen(key, ('default', 'explicit'),
-                          lambda p: self.attention(q, k, v, bias, mask, 0., fused=p == 'default'), LAYER_TUNING_ROUNDS)
+                          lambda p: self.attention(q, k, v, bias, mask, 0., fused=p == 'default'))
 
     @torch.jit.unused
     def _query_blocks(self, x: torch.Tensor, group_h: int, group_w: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -262,8 +262,7 @@ class BlockSpeedups(Speedup):
             key = ('mlp_chunks', x.shape[-1], self.mlp.fc1.out_features, dtype_name(x.dtype), token_bucket(tokens),
                    torch.get_num_threads())
             return run_chosen(key, ('default', 'chunks'),  # all tokens at once, or a chunk at a time
-                              lambda p: self._mlp_rows(flat, tokens if p == 'default' else step),
-                              LAYER_TUNING_ROUNDS).view(x.shape)
+                              lambda p: self._mlp_rows(flat, tokens if p == 'default' else step)).view(x.shape)
         out = torch.empty_like(flat)
         step = balanced_step(flat.shape[0], MLP_CHUNK_TOKENS)
         for start in range(0, flat.shape[0], step):

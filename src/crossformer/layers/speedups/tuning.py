@@ -35,13 +35,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ['choose', 'run_chosen', 'dtype_name', 'time_paths', 'tuning_enabled', 'tuned_choices', 'clear_tuning',
-           'tuning_file', 'host_signature', 'token_bucket', 'PATHS', 'TUNING_MARGIN', 'TUNING_ROUNDS', 'LAYER_TUNING_ROUNDS']
+           'tuning_file', 'host_signature', 'token_bucket', 'PATHS', 'TUNING_MARGIN', 'TUNING_ROUNDS']
 
 PATHS = ('default', 'onednn', 'fp32', 'space_to_depth', 'explicit', 'chunks')  # every path a choice may take
 TUNING_MARGIN = 1.05  # a path other than torch's own must be this much faster
-TUNING_ROUNDS = 3  # interleaved timed calls of each candidate, after one untimed call
-LAYER_TUNING_ROUNDS = 2  # the same for a whole layer's choices (chunks, attention kernel): each call costs more
-HOPELESS_FIRST = 8.  # a path whose untimed call took this many times the default's is not timed
+TUNING_ROUNDS = 3  # interleaved timed calls of each candidate, the first (with its one-time costs) included
+HOPELESS_FIRST = 8.  # a path whose first call took this many times the default's is not timed again
 HOPELESS = 1.5  # a path this many times slower than the best after a timed round is timed no more
 MAX_FILE_BYTES = 1 << 20
 MAX_CHOICES = 20000
@@ -216,33 +215,34 @@ _choices = _Choices()
 
 def time_paths(paths: Sequence[str], run: Callable[[str], torch.Tensor],
                rounds: int = TUNING_ROUNDS) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
-    """The fewest seconds ``run(path)`` took for each path over up to ``rounds`` interleaved calls after
-    an untimed one (which packs a weight, or times the products inside), and each path's last output.
+    """The fewest seconds ``run(path)`` took for each path over up to ``rounds`` interleaved calls,
+    and each path's last output.
 
     The minimum, not the median: a product computes the same each time, so whatever else the host
     runs can only add to its time, and a busy neighbour inflates a few calls, rarely all of them.
+    The first call also pays what a path does once (packing a weight, oneDNN generating a kernel for
+    the shape); it is a round like the others, and the minimum leaves its one-time cost out.
 
-    A path clearly behind stops early: after its untimed call when that took over
-    :data:`HOPELESS_FIRST` times the default's, after a timed round when over :data:`HOPELESS` times
-    the best so far. Timing ends when one path is left.
+    A path clearly behind stops early: after its first call when that took over
+    :data:`HOPELESS_FIRST` times the default's, after a later round when its best is over
+    :data:`HOPELESS` times the best so far. Timing ends when one path is left.
     """
-    outputs, first = {}, {}
-    for path in paths:
-        start = time.perf_counter()
-        outputs[path] = run(path)
-        first[path] = time.perf_counter() - start
-    alive = [p for p in paths if p == 'default' or first[p] < HOPELESS_FIRST * first['default']]
+    outputs: Dict[str, torch.Tensor] = {}
     timed: Dict[str, List[float]] = {path: [] for path in paths}
-    for _ in range(rounds):
+    alive = list(paths)
+    for round_ in range(rounds):
         if len(alive) == 1:
             break
         for path in alive:
             start = time.perf_counter()
             outputs[path] = run(path)
             timed[path].append(time.perf_counter() - start)
-        best = min(min(timed[p]) for p in alive)
-        alive = [p for p in alive if min(timed[p]) < HOPELESS * best]
-    return {p: min(timed[p]) if timed[p] else first[p] for p in paths}, outputs
+        if round_ == 0:  # first calls: only a path hopeless even with its one-time costs counted goes
+            alive = [p for p in alive if p == 'default' or timed[p][0] < HOPELESS_FIRST * timed['default'][0]]
+        else:
+            best = min(min(timed[p]) for p in alive)
+            alive = [p for p in alive if min(timed[p]) < HOPELESS * best]
+    return {p: min(timed[p]) for p in paths}, outputs
 
 
 def choose(key: Key, paths: Sequence[str], run: Callable[[str], torch.Tensor],
