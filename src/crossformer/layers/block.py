@@ -100,10 +100,14 @@ class CrossFormerBlock(BlockSpeedups, nn.Module):
     def attend_either(self, x: torch.Tensor) -> torch.Tensor:
         """``cond(min(H, W) <= G, attend_whole, attend_grid)`` on a ``(B, H, W, C)`` map; flat.
 
-        The cond is traced as the higher-order op itself: ``torch.cond`` would first run dynamo
-        over both branches, which took half an export. What dynamo would add, lifting the tensors
-        a branch reads into operands, is done here for the attention's parameters.
+        Outside dynamo (non-strict export) the cond is traced as the higher-order op itself:
+        ``torch.cond`` would first run dynamo over both branches, which took half an export. What
+        dynamo would add, lifting the tensors a branch reads into operands, is done here for the
+        attention's parameters.
         """
+        whole = is_whole_map(x.shape[1], x.shape[2], self.group_size)
+        if torch.compiler.is_dynamo_compiling():  # strict export: dynamo lifts what the branches read
+            return torch.cond(whole, self.attend_whole, self.attend_grid, (x,))
         names, params = zip(*self.attn.named_parameters())
 
         def branch(attend_layout):
@@ -113,7 +117,6 @@ class CrossFormerBlock(BlockSpeedups, nn.Module):
                 return (attend_layout(x, attention),)  # a tuple, as dynamo would return it
             return run
 
-        whole = is_whole_map(x.shape[1], x.shape[2], self.group_size)
         return cond_op(whole, branch(self.attend_whole), branch(self.attend_grid), (x, *params))[0]
 
     @torch.jit.unused
