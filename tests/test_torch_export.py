@@ -79,6 +79,18 @@ def test_sizes_bounded_below_export_without_cond(model):
             torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_strict_export_keeps_the_cond(model):
+    """Under strict export dynamo traces the blocks, and ``torch.cond`` with them: still one cond
+    per block, exact at a whole-map size and a padded one."""
+    with size_oblivious():
+        program = torch.export.export(model, (torch.randn(*SAMPLE),), dynamic_shapes=DYNAMIC, strict=True)
+    assert len(program.graph_module.graph.find_nodes(op='call_function', target=torch.ops.higher_order.cond)) == 3
+    for size in [(1, 2, 3), (1, 97, 131)]:
+        x = _images(*size)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 class _MlpResidual(torch.nn.Module):
     def __init__(self, block):
         super().__init__()
